@@ -1,0 +1,29 @@
+"""δ-regularized gradient clipping (δ-GClip) for Optax.
+
+Where to find things:
+
+* the rule and its state: ``_delta_gclip.py`` (:func:`scale_by_delta_gclip`,
+  :class:`DeltaGClipState`);
+* the norm: ``_norm.py`` (:func:`global_norm`);
+* the optimizers: ``_alias.py`` (:func:`delta_gclip`, :func:`gclip`);
+* hyperparameter checks: ``_validation.py``.
+"""
+
+from rgclip_optax._alias import delta_gclip, gclip
+from rgclip_optax._delta_gclip import (
+    DeltaGClipState,
+    delta_gclip_scale,
+    scale_by_delta_gclip,
+)
+from rgclip_optax._norm import global_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeltaGClipState",
+    "delta_gclip",
+    "delta_gclip_scale",
+    "gclip",
+    "global_norm",
+    "scale_by_delta_gclip",
+]

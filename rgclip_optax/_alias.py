@@ -1,0 +1,217 @@
+"""Full optimizers: ``delta_gclip`` and ``gclip``.
+
+Each is a chain in the style of ``optax.sgd``: the δ-GClip rule, optional
+momentum, then ``optax.scale_by_learning_rate``, so any optax schedule works
+as the learning rate. A step whose gradient is not finite is skipped as a
+whole: the updates are zero and every piece of state after the rule (the
+momentum, the schedule's step count) is held as it was, as
+``optax.apply_if_finite`` does, but reusing the finiteness flag that the norm
+already computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rgclip_optax import _validation
+from rgclip_optax._delta_gclip import DeltaGClipState, _make_scale_by_delta_gclip
+from rgclip_optax._norm import AxisName
+
+
+def _hold_state_on_skipped_steps(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps a chain that starts with the rule so skipped steps change nothing.
+
+    The rule counts a skipped step in ``nonfinite_count``; when that count moves,
+    the rest of the chain's new state is replaced by its old state and the
+    updates by zeros (a select that XLA fuses into the elementwise update).
+    """
+
+    def update_fn(
+        updates: Any, state: tuple[Any, ...], params: Any = None, **extra_args: Any
+    ) -> tuple[Any, tuple[Any, ...]]:
+        new_updates, new_state = optax.with_extra_args_support(tx).update(
+            updates, state, params, **extra_args
+        )
+        rule_old: DeltaGClipState = state[0]
+        rule_new: DeltaGClipState = new_state[0]
+        skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
+        held = jax.tree.map(
+            lambda new, old: jnp.where(skipped, old, new), new_state[1:], state[1:]
+        )
+        new_updates = jax.tree.map(
+            lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates
+        )
+        return new_updates, (rule_new, *held)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def delta_gclip(
+    learning_rate: optax.ScalarOrSchedule,
+    gamma: chex.Numeric,
+    delta: chex.Numeric = 1e-3,
+    *,
+    weight_decay: chex.Numeric = 0.0,
+    momentum: chex.Numeric | None = None,
+    nesterov: bool = False,
+    skip_nonfinite: bool = True,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""δ-regularized gradient clipping (δ-GClip), the full optimizer.
+
+    .. math::
+
+      w \leftarrow w - h\,(g + \lambda w), \qquad
+      h = \eta\,\min\left(1,\ \max\left(\delta,\ \frac{\gamma}{\|g\|}\right)\right)
+
+    where :math:`\|g\|` is the global L2 norm of the raw gradient and
+    :math:`\lambda` the weight decay, scaled by the same :math:`h` as in the
+    authors' reference implementation. The step size always satisfies
+    :math:`\eta\delta \le h \le \eta`: that floor is what lets Tucat et al.
+    prove convergence to a global minimum for wide networks, where plain
+    clipping (``delta = 0``, :func:`gclip`) can stall.
+
+    The optimizer is ``optax.chain(rule, [optax.trace], scale_by_learning_rate)``
+    with the rule's :class:`DeltaGClipState` first, so
+    ``optax.tree.get(state, "grad_norm")`` and ``"scale"`` read the norm and the
+    factor ``h / learning_rate`` for logging. With ``momentum``, the scaled
+    gradient feeds an ``optax.trace`` (heavy-ball or Nesterov), as in
+    ``optax.sgd``; the convergence theorem covers the momentum-free method.
+
+    Args:
+      learning_rate: :math:`\eta > 0`, a float or an optax schedule.
+      gamma: the clipping threshold :math:`\gamma > 0`.
+      delta: the floor :math:`\delta \in [0, 1]`; 0 is GClip, 1 is SGD.
+      weight_decay: :math:`\lambda \ge 0`, added to the gradient after the norm
+        is taken and scaled by the same :math:`h`.
+      momentum: ``None`` (no momentum, the paper's method) or a decay in
+        [0, 1).
+      nesterov: use Nesterov momentum (needs ``momentum``).
+      skip_nonfinite: if true (the default), a step whose gradient has a NaN or
+        an infinity leaves the parameters and all optimizer state unchanged
+        and is counted in ``nonfinite_count``; if false the formula's result
+        is propagated.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over
+        which the gradient leaves are sharded; see
+        :func:`rgclip_optax.global_norm`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: for concrete hyperparameters out of range (the message names
+        the parameter, its value and the allowed range).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import rgclip_optax as rgc
+      >>> params = {"w": jnp.ones(3)}
+      >>> loss = lambda p: 100.0 * jnp.sum(p["w"] ** 2)
+      >>> tx = rgc.delta_gclip(learning_rate=0.1, gamma=1.0, delta=0.01)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss)(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> round(float(optax.tree.get(state, "grad_norm")), 2)
+      346.41
+      >>> round(float(optax.tree.get(state, "scale")), 5)  # 1/346.41 < delta
+      0.01
+
+    References:
+      Tucat, Mukherjee, Sen, Sun, Rivasplata, `Regularized Gradient Clipping
+      Provably Trains Wide and Deep Neural Networks
+      <https://arxiv.org/abs/2404.08624>`_, TMLR 2025.
+    """
+    _validation.check_learning_rate(learning_rate)
+    _validation.check_bool("nesterov", nesterov)
+    if momentum is not None:
+        _validation.check_interval("momentum", momentum, 0.0, 1.0, high_closed=False)
+    elif nesterov:
+        raise ValueError(
+            "nesterov=True needs momentum: got momentum=None. Pass momentum in "
+            "[0, 1), e.g. momentum=0.9."
+        )
+    parts = [
+        _make_scale_by_delta_gclip(
+            gamma,
+            delta,
+            weight_decay=weight_decay,
+            skip_nonfinite=skip_nonfinite,
+            axis_name=axis_name,
+        )
+    ]
+    if momentum is not None:
+        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    tx = optax.chain(*parts)
+    if skip_nonfinite is False:
+        return tx
+    return _hold_state_on_skipped_steps(tx)
+
+
+def gclip(
+    learning_rate: optax.ScalarOrSchedule,
+    gamma: chex.Numeric,
+    *,
+    weight_decay: chex.Numeric = 0.0,
+    momentum: chex.Numeric | None = None,
+    nesterov: bool = False,
+    skip_nonfinite: bool = True,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Gradient clipping (GClip): :func:`delta_gclip` with ``delta = 0``.
+
+    .. math::
+
+      w \leftarrow w - h\,g, \qquad
+      h = \eta\,\min\left(1,\ \frac{\gamma}{\|g\|}\right)
+
+    The same as ``optax.chain(optax.clip_by_global_norm(gamma),
+    optax.sgd(learning_rate))``, but with a float32 norm, logged
+    ``grad_norm``/``scale`` state, input checks and skipping of non-finite
+    steps. Without the δ floor, the step size shrinks like
+    :math:`\gamma/\|g\|` on steep losses and training can stall.
+
+    Args:
+      learning_rate: :math:`\eta > 0`, a float or an optax schedule.
+      gamma: the clipping threshold :math:`\gamma > 0`.
+      weight_decay: see :func:`delta_gclip`.
+      momentum: see :func:`delta_gclip`.
+      nesterov: see :func:`delta_gclip`.
+      skip_nonfinite: see :func:`delta_gclip`.
+      axis_name: see :func:`delta_gclip`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import rgclip_optax as rgc
+      >>> tx = rgc.gclip(learning_rate=1.0, gamma=1.0)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([30.0, 40.0]), state)
+      >>> updates  # the step has length learning_rate * gamma
+      Array([-0.6, -0.8], dtype=float32)
+
+    References:
+      Zhang, He, Sra, Jadbabaie, `Why gradient clipping accelerates training: A
+      theoretical justification for adaptivity
+      <https://arxiv.org/abs/1905.11881>`_, ICLR 2020.
+    """
+    return delta_gclip(
+        learning_rate,
+        gamma,
+        0.0,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        skip_nonfinite=skip_nonfinite,
+        axis_name=axis_name,
+    )

@@ -1,0 +1,251 @@
+"""The δ-GClip rule: ``scale_by_delta_gclip`` and its state.
+
+The rule multiplies the whole gradient by one scalar,
+
+    s = min(1, max(delta, gamma / ||g||)),
+
+so that the step ``-eta * s * g`` is a plain gradient step for small
+gradients, a step of length ``eta * gamma`` (GClip) for larger ones, and never
+shorter than ``eta * delta`` times the gradient (the δ floor).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rgclip_optax import _validation
+from rgclip_optax._norm import NORM_DTYPE, AxisName, inexact_leaves, norms_and_finite
+
+
+class DeltaGClipState(NamedTuple):
+    """State of :func:`scale_by_delta_gclip`, for logging and checkpoints.
+
+    The field names are distinct from every hyperparameter name, so
+    ``optax.tree.get(opt_state, "grad_norm")`` finds them in any chain,
+    including under :func:`optax.inject_hyperparams`.
+
+    Attributes:
+      grad_norm: float32 scalar, the norm of the raw gradient at the last step
+        (before any scaling); NaN or inf on a step with non-finite entries.
+      scale: float32 scalar, the factor ``s`` applied at the last step (so the
+        step size was ``h = learning_rate * s``); 0 on a skipped step.
+      nonfinite_count: int32 scalar, how many steps were skipped because the
+        gradient held a NaN or an infinity.
+    """
+
+    grad_norm: jax.Array
+    scale: jax.Array
+    nonfinite_count: jax.Array
+
+
+def delta_gclip_scale(
+    grad_norm: chex.Numeric, gamma: chex.Numeric, delta: chex.Numeric
+) -> jax.Array:
+    """The δ-GClip factor ``s = min(1, max(delta, gamma / grad_norm))``.
+
+    Computed in float32 with ``jnp.where``/``minimum``/``maximum`` only, so it
+    is jittable with traced hyperparameters. A zero norm (and any norm up to
+    ``gamma``, ``gamma = inf`` included) gives ``s = 1`` with no division by
+    zero; an infinite norm gives ``s = delta``; a NaN norm gives NaN.
+
+    Args:
+      grad_norm: the global norm of the gradient.
+      gamma: the clipping threshold, > 0.
+      delta: the floor, in [0, 1].
+
+    Returns:
+      A float32 scalar in ``[delta, 1]`` (NaN if ``grad_norm`` is NaN).
+    """
+    norm = jnp.asarray(grad_norm, NORM_DTYPE)
+    gamma = jnp.asarray(gamma, NORM_DTYPE)
+    delta = jnp.asarray(delta, NORM_DTYPE)
+    one = jnp.ones([], NORM_DTYPE)
+    safe_norm = jnp.where(norm > 0, norm, one)
+    clipped = jnp.minimum(one, jnp.maximum(delta, gamma / safe_norm))
+    return jnp.where(norm <= gamma, one, clipped)
+
+
+def _scale_leaf(g: jax.Array, s: jax.Array, decay: Any = None) -> jax.Array:
+    """``s * (g + decay)`` computed in float32 (or wider), cast back to g's dtype."""
+    if jnp.iscomplexobj(g):
+        acc = jnp.promote_types(g.dtype, jnp.complex64)
+    else:
+        acc = jnp.promote_types(g.dtype, jnp.float32)
+    y = g.astype(acc)
+    if decay is not None:
+        y = y + decay.astype(acc)
+    real = jnp.finfo(acc).dtype
+    return (y * s.astype(real)).astype(g.dtype)
+
+
+def _is_static_zero(value: Any) -> bool:
+    v = None if isinstance(value, jax.core.Tracer) else float(value)
+    return v == 0.0
+
+
+def _make_scale_by_delta_gclip(
+    gamma: chex.Numeric,
+    delta: chex.Numeric,
+    *,
+    weight_decay: chex.Numeric = 0.0,
+    skip_nonfinite: bool = True,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+    """The rule, with the optional decoupled-from-the-norm weight decay.
+
+    ``weight_decay`` follows the authors' reference implementation: the norm is
+    that of the raw gradient, and the decay term is added afterwards and scaled
+    by the same factor, ``s * (g + weight_decay * w)``.
+    """
+    _validation.check_positive("gamma", gamma, allow_inf=True)
+    _validation.check_interval("delta", delta, 0.0, 1.0)
+    _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"))
+    _validation.check_bool("skip_nonfinite", skip_nonfinite)
+    decays = not _is_static_zero(weight_decay)
+
+    def init_fn(params: Any) -> DeltaGClipState:
+        del params  # No computation on the params: works on ShapeDtypeStructs.
+        return DeltaGClipState(
+            grad_norm=jnp.zeros([], NORM_DTYPE),
+            scale=jnp.ones([], NORM_DTYPE),
+            nonfinite_count=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(
+        updates: Any, state: DeltaGClipState, params: Any = None
+    ) -> tuple[Any, DeltaGClipState]:
+        leaves = inexact_leaves(updates)
+        if decays and params is None:
+            shown = (
+                "traced"
+                if isinstance(weight_decay, jax.core.Tracer)
+                else repr(weight_decay)
+            )
+            raise ValueError(
+                f"weight_decay is not statically 0 (it is {shown}), so "
+                "update() needs params: call tx.update(grads, state, params). "
+                "Under optax.inject_hyperparams, pass "
+                "static_args=('weight_decay',) to keep a zero weight decay static."
+            )
+        grad_norm, finite = norms_and_finite([(leaves, axis_name)])
+        s = delta_gclip_scale(grad_norm, gamma, delta)
+        skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
+
+        def apply(g: Any, p: Any = None) -> Any:
+            if g is None:
+                return None
+            decay = None
+            if decays:
+                decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
+                    jnp.promote_types(p.dtype, NORM_DTYPE)
+                )
+            out = _scale_leaf(g, s, decay)
+            if skip_nonfinite is False:
+                return out
+            return jnp.where(skip, jnp.zeros_like(out), out)
+
+        if decays:
+            new_updates = jax.tree.map(
+                apply, updates, params, is_leaf=lambda x: x is None
+            )
+        else:
+            new_updates = jax.tree.map(apply, updates, is_leaf=lambda x: x is None)
+
+        zero = jnp.zeros([], NORM_DTYPE)
+        new_state = DeltaGClipState(
+            grad_norm=grad_norm.astype(NORM_DTYPE),
+            scale=jnp.where(skip, zero, s).astype(NORM_DTYPE),
+            nonfinite_count=state.nonfinite_count + skip.astype(jnp.int32),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_delta_gclip(
+    gamma: chex.Numeric,
+    delta: chex.Numeric = 1e-3,
+    *,
+    skip_nonfinite: bool = True,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Scales the updates by the δ-regularized clipping factor of their norm.
+
+    The whole update pytree is multiplied by one scalar,
+
+    .. math::
+
+      s = \min\left(1,\ \max\left(\delta,\ \frac{\gamma}{\|g\|}\right)\right),
+
+    where :math:`\|g\|` is the L2 norm of all leaves together (see
+    :func:`rgclip_optax.global_norm`). No learning rate and no sign is applied,
+    so it chains with anything; chained with ``optax.sgd(eta)`` it gives the
+    δ-GClip step :math:`w \leftarrow w - \eta s g` of Tucat et al. The three
+    regimes, for :math:`0 < \delta < 1`:
+
+    * :math:`\|g\| \le \gamma`: :math:`s = 1`, a plain gradient step;
+    * :math:`\gamma < \|g\| \le \gamma/\delta`: :math:`s = \gamma/\|g\|`, the
+      update has norm :math:`\gamma` (GClip);
+    * :math:`\|g\| > \gamma/\delta`: :math:`s = \delta`, the floor that makes
+      the method provably converge on wide networks.
+
+    ``delta = 0`` is plain GClip (``optax.clip_by_global_norm``), ``delta = 1``
+    is the identity.
+
+    Numerics: the norm is accumulated in float32 for every leaf dtype; each
+    output leaf keeps its input dtype; a zero gradient gives a zero update and
+    ``s = 1``. If the gradient holds a NaN or an infinity and
+    ``skip_nonfinite`` is true, the updates are all zero and
+    ``nonfinite_count`` grows by one (to also hold momentum and schedule state
+    still, use :func:`rgclip_optax.delta_gclip` or wrap your chain in
+    :func:`optax.apply_if_finite`).
+
+    Args:
+      gamma: the clipping threshold :math:`\gamma > 0` on the gradient norm.
+      delta: the floor :math:`\delta \in [0, 1]` on the factor.
+      skip_nonfinite: if true (the default), a step whose gradient has a
+        non-finite entry outputs zero updates and is counted; if false, the
+        formula's result (NaN or inf) is propagated.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over
+        which the gradient leaves are sharded; see
+        :func:`rgclip_optax.global_norm`.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`DeltaGClipState`.
+
+    Raises:
+      ValueError: for a concrete ``gamma <= 0`` or ``delta`` outside [0, 1].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import rgclip_optax as rgc
+      >>> tx = optax.chain(rgc.scale_by_delta_gclip(gamma=1.0, delta=0.1),
+      ...                  optax.sgd(learning_rate=0.5))
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 > gamma/delta = 10
+      >>> updates, state = tx.update(grads, state)
+      >>> updates["w"]  # -0.5 * 0.1 * g
+      Array([-1.5, -2. ], dtype=float32)
+      >>> float(state[0].grad_norm), float(state[0].scale)
+      (50.0, 0.1...)
+
+    References:
+      Tucat, Mukherjee, Sen, Sun, Rivasplata, `Regularized Gradient Clipping
+      Provably Trains Wide and Deep Neural Networks
+      <https://arxiv.org/abs/2404.08624>`_, TMLR 2025.
+
+      Zhang, He, Sra, Jadbabaie, `Why gradient clipping accelerates training: A
+      theoretical justification for adaptivity
+      <https://arxiv.org/abs/1905.11881>`_, ICLR 2020.
+    """
+    return _make_scale_by_delta_gclip(
+        gamma, delta, skip_nonfinite=skip_nonfinite, axis_name=axis_name
+    )

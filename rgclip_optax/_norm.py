@@ -1,0 +1,234 @@
+"""The global L2 norm of a gradient pytree, accumulated in float32.
+
+This is the norm that the δ-GClip transformations use. It differs from
+``optax.tree.norm`` in three ways that matter for clipping:
+
+* Each leaf is converted to (at least) float32 *inside* its reduction, so the
+  sum of squares never overflows in float16 (where ``256**2`` already exceeds
+  the format's range) and never loses bits in bfloat16. XLA fuses the
+  conversion into the reduction: no upcast copy of the gradient is made.
+* If every entry is finite but the float32 sum of squares still overflows
+  (entries above ~1e19, the exploding gradients clipping exists for), the norm
+  is recomputed with the entries divided by their largest magnitude. That
+  branch runs under ``lax.cond`` only when the fast sum is not finite, so the
+  normal path costs one read of the gradient and nothing more.
+* It also reports whether every entry was finite. The flag comes from the same
+  sum (a NaN or an infinity makes it non-finite), so skipping bad steps costs
+  no extra pass over memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = Hashable | Sequence[Hashable] | None
+
+# The norm, the scale and the flag are float32 scalars whatever the leaves'
+# dtypes (float64 leaves, with x64 enabled, accumulate in float64 first).
+NORM_DTYPE = jnp.float32
+
+
+def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
+    """Returns the leaves of ``tree``, raising ``TypeError`` for non-float ones.
+
+    ``None`` leaves (masked parameters) are skipped, as everywhere in JAX.
+
+    Args:
+      tree: a pytree of arrays.
+      what: the word used for the tree in the error message.
+
+    Raises:
+      TypeError: naming the path of the first leaf whose dtype is not a
+        floating or complex type (integers, booleans, ``float0``).
+    """
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for path, leaf in with_path:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            where = jax.tree_util.keystr(path) or "<root>"
+            shown = dtype if dtype is not None else type(leaf).__name__
+            raise TypeError(
+                f"{what} leaf at {where} has dtype {shown}; δ-GClip needs floating "
+                "point (or complex) leaves. Take gradients only with respect to "
+                "floating-point parameters, or mask the others out with "
+                "optax.masked / None leaves."
+            )
+        leaves.append(leaf)
+    return leaves
+
+
+def _accumulation_dtype(dtype: Any) -> Any:
+    """float32, or float64 for float64/complex128 leaves under x64."""
+    real = jnp.finfo(dtype).dtype
+    return jnp.promote_types(real, jnp.float32)
+
+
+def _abs_squared(x: jax.Array, acc: Any) -> jax.Array:
+    if jnp.iscomplexobj(x):
+        re = jnp.real(x).astype(acc)
+        im = jnp.imag(x).astype(acc)
+        return re * re + im * im
+    x = x.astype(acc)
+    return x * x
+
+
+def leaf_sum_of_squares(x: jax.Array) -> jax.Array:
+    """Sum of ``|x|**2`` over one leaf, accumulated in float32 (or wider)."""
+    return jnp.sum(_abs_squared(x, _accumulation_dtype(x.dtype)))
+
+
+def _leaf_max_abs(x: jax.Array) -> jax.Array:
+    """Largest magnitude in one leaf; NaN if the leaf holds a NaN."""
+    acc = _accumulation_dtype(x.dtype)
+    if x.size == 0:
+        return jnp.zeros([], acc)
+    if jnp.iscomplexobj(x):
+        return jnp.max(jnp.abs(x)).astype(acc)
+    # max(max(x), -min(x)) reads x with no elementwise op in front of the
+    # reductions, so XLA has no upcast copy of x to share between this and
+    # the rescaled sum (that copy would count in the program's peak memory
+    # even though this branch rarely runs).
+    return jnp.maximum(jnp.max(x).astype(acc), -jnp.min(x).astype(acc))
+
+
+def _leaf_scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
+    # Divide, not multiply by 1/scale: for scale near float32's maximum the
+    # reciprocal is subnormal and XLA may flush it to zero.
+    acc = _accumulation_dtype(x.dtype)
+    y = (
+        x / scale.astype(acc)
+        if jnp.iscomplexobj(x)
+        else x.astype(acc) / scale.astype(acc)
+    )
+    return jnp.sum(_abs_squared(y, acc))
+
+
+def _sum(values: Sequence[jax.Array]) -> jax.Array:
+    total = jnp.zeros([], NORM_DTYPE)
+    for v in values:
+        total = total + v
+    return total
+
+
+def _maximum(values: Sequence[jax.Array]) -> jax.Array:
+    # NaN-propagating: jnp.maximum returns NaN if either side is NaN.
+    out = jnp.zeros([], NORM_DTYPE)
+    for v in values:
+        out = jnp.maximum(out, v.astype(NORM_DTYPE))
+    return out
+
+
+def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def norms_and_finite(
+    groups: Sequence[tuple[Sequence[jax.Array], AxisName]],
+) -> tuple[jax.Array, jax.Array]:
+    """The norm over several groups of leaves, and whether all are finite.
+
+    Each group is a list of leaves with the mesh axes its partial sums are
+    summed over (``None``: the group is counted as it is, e.g. replicated
+    leaves). The result is ``sqrt(sum_g psum_g(sum_{x in g} |x|^2))``.
+
+    Returns:
+      ``(norm, all_finite)``: a float32 scalar and a bool scalar. ``norm`` is
+      ``inf`` where it exceeds float32's range (all entries still finite), NaN
+      if an entry is NaN, ``inf`` if an entry is infinite.
+    """
+
+    def fast_total() -> jax.Array:
+        parts = [
+            _psum(_sum([leaf_sum_of_squares(x).astype(NORM_DTYPE) for x in leaves]), ax)
+            for leaves, ax in groups
+        ]
+        return _sum(parts)
+
+    total = fast_total()
+
+    def fast(total: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.sqrt(total), jnp.array(True)
+
+    def rescaled(total: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Rare path: the float32 sum is inf or NaN. Either some entry is not
+        # finite, or the squares overflowed. Find the largest magnitude (NaN if
+        # any entry is NaN) and, if it is finite, sum the squares of x / max.
+        del total
+        amax = _maximum(
+            [
+                _pmax(_maximum([_leaf_max_abs(x) for x in leaves]), ax)
+                for leaves, ax in groups
+            ]
+        )
+        finite = jnp.isfinite(amax)
+        safe = jnp.where(finite & (amax > 0), amax, jnp.ones_like(amax))
+        parts = [
+            _psum(
+                _sum(
+                    [
+                        _leaf_scaled_sum_of_squares(x, safe).astype(NORM_DTYPE)
+                        for x in leaves
+                    ]
+                ),
+                ax,
+            )
+            for leaves, ax in groups
+        ]
+        scaled_norm = safe * jnp.sqrt(_sum(parts))
+        # Non-finite entries: NaN if any NaN, else +inf.
+        bad_norm = jnp.where(jnp.isnan(amax), jnp.nan, jnp.inf).astype(NORM_DTYPE)
+        return jnp.where(finite, scaled_norm, bad_norm), finite
+
+    return lax.cond(jnp.isfinite(total), fast, rescaled, total)
+
+
+def global_norm(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
+    """The L2 norm of a whole pytree, over all leaves together.
+
+    .. math::
+
+      \\|g\\| = \\sqrt{\\textstyle\\sum_{\\text{leaves } x} \\sum_i |x_i|^2}
+
+    The squares are accumulated in float32 whatever the leaves' dtype (float16
+    and bfloat16 included), with no upcast copy of the leaves, and a finite
+    gradient whose float32 sum of squares would overflow is rescaled so its norm
+    stays right. ``None`` leaves are ignored; an empty tree has norm 0.
+
+    Args:
+      tree: a pytree of floating-point (or complex) arrays.
+      axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name (or tuple
+        of names) over which the leaves are sharded. The float32 partial sums of
+        squares are added across those devices with a single scalar ``psum``,
+        so the result is the norm of the whole, unsharded tree. Leave it
+        ``None`` under plain ``jax.jit`` (with any sharding: XLA inserts the
+        reduction) and for gradients already averaged with ``pmean``.
+
+    Returns:
+      A float32 scalar: the norm. It is ``nan`` if an entry is NaN and ``inf``
+      if an entry is infinite.
+
+    Raises:
+      TypeError: if a leaf is not floating point; the message names its path.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import rgclip_optax as rgc
+      >>> rgc.global_norm({"w": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)})
+      Array(5., dtype=float32)
+      >>> # float16 entries of 300 overflow optax.tree.norm, not this one.
+      >>> float(rgc.global_norm(jnp.full((4,), 300.0, jnp.float16)))
+      600.0
+    """
+    leaves = inexact_leaves(tree)
+    norm, _ = norms_and_finite([(leaves, axis_name)])
+    return norm

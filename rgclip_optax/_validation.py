@@ -1,0 +1,93 @@
+"""Checks of hyperparameters at construction time.
+
+Only concrete values are checked. A traced value (for example a
+hyperparameter injected by :func:`optax.inject_hyperparams` and read under
+:func:`jax.jit`) cannot be inspected without a host round-trip, so it passes
+through unchecked and never triggers a ``TracerBoolConversionError``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_float(name: str, value: Any) -> float | None:
+    """Returns ``value`` as a Python float, or ``None`` if it is traced.
+
+    Raises:
+      TypeError: if ``value`` is neither a real number nor a scalar array.
+      ValueError: if ``value`` is an array with more than one element.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {name}={value!r} (a bool).")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"{name} must be a scalar, got an array of shape {np.shape(value)}."
+            )
+        if not np.issubdtype(np.asarray(value).dtype, np.number) or np.iscomplexobj(
+            value
+        ):
+            raise TypeError(
+                f"{name} must be a real number, got an array of dtype "
+                f"{np.asarray(value).dtype}."
+            )
+        return float(value)
+    raise TypeError(
+        f"{name} must be a real number or a scalar array, got "
+        f"{name}={value!r} of type {type(value).__name__}."
+    )
+
+
+def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> None:
+    """Raises ``ValueError`` unless ``value > 0`` (and finite, unless allowed)."""
+    v = concrete_float(name, value)
+    if v is None:
+        return
+    upper = "inf]" if allow_inf else "inf)"
+    if not v > 0 or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{name} must be in (0, {upper}, got {name}={value!r}.")
+
+
+def check_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    high_closed: bool = True,
+) -> None:
+    """Raises ``ValueError`` unless ``low <= value <= high`` (or ``< high``)."""
+    v = concrete_float(name, value)
+    if v is None:
+        return
+    ok = low <= v <= high if high_closed else low <= v < high
+    if not ok:
+        right = "]" if high_closed else ")"
+        raise ValueError(
+            f"{name} must be in [{low:g}, {high:g}{right}, got {name}={value!r}."
+        )
+
+
+def check_learning_rate(value: Any) -> None:
+    """A learning rate is a finite number > 0, or a schedule (not checked)."""
+    if callable(value):
+        return
+    check_positive("learning_rate", value)
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Static switches must be Python bools (or traced booleans)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}.")

@@ -1,0 +1,124 @@
+"""The global norm: float32 accumulation, overflow safety, odd trees."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rgclip_optax as rgc
+from tests import reference as ref
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def nested_tree(dtype):
+    rng = np.random.default_rng(0)
+    return {
+        "dense": {"w": jnp.asarray(rng.normal(size=(7, 5)), dtype), "b": None},
+        "list": [jnp.asarray(rng.normal(size=(3,)), dtype), (jnp.asarray(2.5, dtype),)],
+        "scalar": jnp.asarray(-1.25, dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_float64_reference_on_nested_trees(dtype):
+    tree = nested_tree(dtype)
+    got = rgc.global_norm(tree)
+    assert got.dtype == jnp.float32
+    # Inputs are exact in float64; the only error is float32 accumulation.
+    np.testing.assert_allclose(float(got), ref.norm(tree), rtol=1e-6)
+
+
+def test_empty_tree_and_all_none_tree_have_norm_zero():
+    assert float(rgc.global_norm({})) == 0.0
+    assert float(rgc.global_norm({"a": None, "b": [None]})) == 0.0
+    assert float(rgc.global_norm({"a": jnp.zeros((0, 3))})) == 0.0
+
+
+def test_float16_norm_above_256_does_not_overflow_unlike_optax():
+    g = {"w": jnp.full((16,), 300.0, jnp.float16)}  # ||g|| = 1200
+    # optax reduces in float16: 300**2 = 90000 > 65504 overflows.
+    assert not np.isfinite(float(optax.tree.norm(g)))
+    np.testing.assert_allclose(float(rgc.global_norm(g)), 1200.0, rtol=1e-6)
+
+
+def test_bfloat16_many_leaves_keep_float32_precision():
+    rng = np.random.default_rng(1)
+    tree = [jnp.asarray(rng.normal(size=(1000,)), jnp.bfloat16) for _ in range(50)]
+    exact = ref.norm(tree)
+    np.testing.assert_allclose(float(rgc.global_norm(tree)), exact, rtol=1e-6)
+    # optax's bfloat16 reduction is measurably worse on the same tree.
+    optax_err = abs(float(optax.tree.norm(tree)) - exact) / exact
+    ours_err = abs(float(rgc.global_norm(tree)) - exact) / exact
+    assert ours_err < optax_err
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e36, 3e38])
+def test_finite_entries_whose_squares_overflow_float32_are_rescaled(magnitude):
+    x = np.array([magnitude, -magnitude / 2, 3.0, 0.0], np.float32)
+    tree = {"a": jnp.asarray(x), "b": jnp.asarray(x[:2] / 4)}
+    exact = ref.norm(tree)
+    got = float(jax.jit(rgc.global_norm)(tree))
+    if exact > float(np.finfo(np.float32).max):
+        assert got == np.inf  # the norm itself is beyond float32's range
+    else:
+        np.testing.assert_allclose(got, exact, rtol=1e-6)
+
+
+def test_overflow_rescaling_in_float16():
+    g = jnp.full((4096,), 60000.0, jnp.float16)  # sum of squares 1.5e13, fine
+    np.testing.assert_allclose(float(rgc.global_norm(g)), 60000.0 * 64, rtol=1e-6)
+
+
+def test_nonfinite_entries_give_nan_or_inf():
+    assert np.isnan(float(rgc.global_norm([jnp.array([1.0, jnp.nan]), jnp.ones(2)])))
+    assert float(rgc.global_norm([jnp.array([1.0, jnp.inf])])) == np.inf
+    assert float(rgc.global_norm([jnp.array([-jnp.inf]), jnp.array([1e30])])) == np.inf
+    # NaN wins over inf.
+    assert np.isnan(float(rgc.global_norm([jnp.array([jnp.inf, jnp.nan])])))
+
+
+def test_complex_leaves_use_modulus():
+    z = jnp.array([3.0 + 4.0j, 0.0 + 1.0j], jnp.complex64)
+    np.testing.assert_allclose(float(rgc.global_norm(z)), np.sqrt(26.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "leaf, dtype_name",
+    [(jnp.arange(3), "int32"), (jnp.array([True]), "bool")],
+)
+def test_non_floating_leaf_raises_type_error_naming_its_path(leaf, dtype_name):
+    tree = {"params": {"ok": jnp.ones(2), "step": leaf}}
+    with pytest.raises(TypeError, match=r"\['params'\]\['step'\].*" + dtype_name):
+        rgc.global_norm(tree)
+
+
+def test_float0_gradient_leaf_raises_type_error():
+    # jax.grad with allow_int gives float0 cotangents for integer inputs.
+    g = jax.grad(lambda p: p["w"].sum(), allow_int=True)(
+        {"w": jnp.ones(2), "n": jnp.array(3)}
+    )
+    with pytest.raises(TypeError, match=r"\['n'\]"):
+        rgc.global_norm(g)
+
+
+def _temp_bytes(fn, x):
+    mem = jax.jit(fn).lower(x).compile().memory_analysis()
+    assert mem is not None
+    return mem.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_no_upcast_copy_of_the_gradient_is_materialized(dtype):
+    # The float32 conversion is fused into the reduction (and into the rare
+    # rescaling branch): no temporary buffer near the size of an f32 copy.
+    g = jnp.ones((1024, 1024), dtype)
+    assert _temp_bytes(rgc.global_norm, g) < g.size
+
+
+def test_float16_on_cpu_uses_no_more_memory_than_optax():
+    # XLA:CPU has no float16 arithmetic and upcasts any float16 reduction,
+    # optax's included; we must not add a second copy on top of that.
+    g = jnp.ones((1024, 1024), jnp.float16)
+    assert _temp_bytes(rgc.global_norm, g) <= _temp_bytes(optax.tree.norm, g) + 1024
