@@ -23,14 +23,31 @@ from rgclip_optax._delta_gclip import DeltaGClipState, _make_scale_by_delta_gcli
 from rgclip_optax._norm import AxisName
 
 
-def _hold_state_on_skipped_steps(
-    tx: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-    """Wraps a chain that starts with the rule so skipped steps change nothing.
+def _cast_like(new: Any, old: Any) -> Any:
+    """Casts each leaf of ``new`` to the dtype of the matching leaf of ``old``."""
+    return jax.tree.map(
+        lambda n, o: None if n is None else n.astype(o.dtype),
+        new,
+        old,
+        is_leaf=lambda x: x is None,
+    )
 
-    The rule counts a skipped step in ``nonfinite_count``; when that count moves,
-    the rest of the chain's new state is replaced by its old state and the
-    updates by zeros (a select that XLA fuses into the elementwise update).
+
+def _finalize(
+    tx: optax.GradientTransformation, *, skip_nonfinite: bool
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps the alias chain (the rule first): stable dtypes, whole-step skips.
+
+    * Dtypes: every update leaf keeps its gradient leaf's dtype and every
+      state leaf its dtype from the step before. Without this, a float32
+      hyperparameter traced by ``optax.inject_hyperparams`` promotes bfloat16
+      momentum and updates to float32 inside ``optax.trace`` and
+      ``optax.scale``, and the state's dtypes drift between steps.
+    * Skips: the rule counts a skipped step in ``nonfinite_count``; when that
+      count moves, the rest of the chain's state is held as it was and the
+      updates are zero, as ``optax.apply_if_finite`` does, but from the flag
+      the norm already computed. Both are selects that XLA fuses into the
+      elementwise update.
     """
 
     def update_fn(
@@ -39,6 +56,10 @@ def _hold_state_on_skipped_steps(
         new_updates, new_state = optax.with_extra_args_support(tx).update(
             updates, state, params, **extra_args
         )
+        new_updates = _cast_like(new_updates, updates)
+        new_state = _cast_like(new_state, state)
+        if not skip_nonfinite:
+            return new_updates, new_state
         rule_old: DeltaGClipState = state[0]
         rule_new: DeltaGClipState = new_state[0]
         skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
@@ -150,10 +171,7 @@ def delta_gclip(
     if momentum is not None:
         parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    tx = optax.chain(*parts)
-    if skip_nonfinite is False:
-        return tx
-    return _hold_state_on_skipped_steps(tx)
+    return _finalize(optax.chain(*parts), skip_nonfinite=skip_nonfinite)
 
 
 def gclip(

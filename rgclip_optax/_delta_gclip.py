@@ -65,7 +65,8 @@ def delta_gclip_scale(
     gamma = jnp.asarray(gamma, NORM_DTYPE)
     delta = jnp.asarray(delta, NORM_DTYPE)
     one = jnp.ones([], NORM_DTYPE)
-    safe_norm = jnp.where(norm > 0, norm, one)
+    # Only an exact zero is replaced: a NaN norm must stay NaN.
+    safe_norm = jnp.where(norm == 0, one, norm)
     clipped = jnp.minimum(one, jnp.maximum(delta, gamma / safe_norm))
     return jnp.where(norm <= gamma, one, clipped)
 

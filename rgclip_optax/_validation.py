@@ -55,7 +55,7 @@ def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> None:
         return
     upper = "inf]" if allow_inf else "inf)"
     if not v > 0 or (math.isinf(v) and not allow_inf):
-        raise ValueError(f"{name} must be in (0, {upper}, got {name}={value!r}.")
+        raise ValueError(f"{name} must be in (0, {upper}, got {name}={v!r}.")
 
 
 def check_interval(
@@ -74,7 +74,7 @@ def check_interval(
     if not ok:
         right = "]" if high_closed else ")"
         raise ValueError(
-            f"{name} must be in [{low:g}, {high:g}{right}, got {name}={value!r}."
+            f"{name} must be in [{low:g}, {high:g}{right}, got {name}={v!r}."
         )
 
 

@@ -4,7 +4,7 @@ import os
 # a subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
