@@ -215,7 +215,7 @@ def gclip(
       >>> tx = rgc.gclip(learning_rate=1.0, gamma=1.0)
       >>> state = tx.init(jnp.zeros(2))
       >>> updates, state = tx.update(jnp.array([30.0, 40.0]), state)
-      >>> updates  # the step has length learning_rate * gamma
+      >>> updates.round(6)  # the step has length learning_rate * gamma
       Array([-0.6, -0.8], dtype=float32)
 
     References:
