@@ -83,7 +83,9 @@ def delta_gclip(
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,
     skip_nonfinite: bool = True,
+    norm: str = "global",
     axis_name: AxisName = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""δ-regularized gradient clipping (δ-GClip), the full optimizer.
 
@@ -119,9 +121,14 @@ def delta_gclip(
         an infinity leaves the parameters and all optimizer state unchanged
         and is counted in ``nonfinite_count``; if false the formula's result
         is propagated.
+      norm: ``"global"`` (the paper's method) or ``"per_tensor"`` (each leaf
+        its own norm and step size; not covered by the convergence theorem);
+        see :func:`scale_by_delta_gclip`.
       axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over
         which the gradient leaves are sharded; see
-        :func:`rgclip_optax.global_norm`.
+        :func:`scale_by_delta_gclip`.
+      replicated: with ``axis_name``, the leaves replicated on every device;
+        see :func:`scale_by_delta_gclip`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -165,7 +172,9 @@ def delta_gclip(
             delta,
             weight_decay=weight_decay,
             skip_nonfinite=skip_nonfinite,
+            norm=norm,
             axis_name=axis_name,
+            replicated=replicated,
         )
     ]
     if momentum is not None:
@@ -182,7 +191,9 @@ def gclip(
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,
     skip_nonfinite: bool = True,
+    norm: str = "global",
     axis_name: AxisName = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient clipping (GClip): :func:`delta_gclip` with ``delta = 0``.
 
@@ -204,7 +215,9 @@ def gclip(
       momentum: see :func:`delta_gclip`.
       nesterov: see :func:`delta_gclip`.
       skip_nonfinite: see :func:`delta_gclip`.
+      norm: see :func:`delta_gclip`.
       axis_name: see :func:`delta_gclip`.
+      replicated: see :func:`delta_gclip`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -231,5 +244,7 @@ def gclip(
         momentum=momentum,
         nesterov=nesterov,
         skip_nonfinite=skip_nonfinite,
+        norm=norm,
         axis_name=axis_name,
+        replicated=replicated,
     )

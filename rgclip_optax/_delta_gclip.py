@@ -32,8 +32,10 @@ class DeltaGClipState(NamedTuple):
     Attributes:
       grad_norm: float32 scalar, the norm of the raw gradient at the last step
         (before any scaling); NaN or inf on a step with non-finite entries.
+        With ``norm="per_tensor"``, a pytree of such scalars, one per leaf.
       scale: float32 scalar, the factor ``s`` applied at the last step (so the
-        step size was ``h = learning_rate * s``); 0 on a skipped step.
+        step size was ``h = learning_rate * s``); 0 on a skipped step. With
+        ``norm="per_tensor"``, a pytree of such scalars, one per leaf.
       nonfinite_count: int32 scalar, how many steps were skipped because the
         gradient held a NaN or an infinity.
     """
@@ -89,13 +91,33 @@ def _is_static_zero(value: Any) -> bool:
     return v == 0.0
 
 
+NORMS = ("global", "per_tensor")
+
+
+def _flatten_replicated(replicated: Any, updates: Any, n_leaves: int) -> list[bool]:
+    """One bool per leaf of ``updates`` (``None`` leaves included)."""
+    if replicated is None:
+        return [False] * n_leaves
+    mask = replicated(updates) if callable(replicated) else replicated
+    flags, _ = jax.tree_util.tree_flatten(mask, is_leaf=lambda x: x is None)
+    if len(flags) != n_leaves:
+        raise ValueError(
+            "replicated must be a pytree of bools with the gradient's structure "
+            f"(or a callable returning one): got {len(flags)} leaves for a "
+            f"gradient of {n_leaves}."
+        )
+    return [bool(f) if f is not None else False for f in flags]
+
+
 def _make_scale_by_delta_gclip(
     gamma: chex.Numeric,
     delta: chex.Numeric,
     *,
     weight_decay: chex.Numeric = 0.0,
     skip_nonfinite: bool = True,
+    norm: str = "global",
     axis_name: AxisName = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """The rule, with the optional decoupled-from-the-norm weight decay.
 
@@ -107,20 +129,34 @@ def _make_scale_by_delta_gclip(
     _validation.check_interval("delta", delta, 0.0, 1.0)
     _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"))
     _validation.check_bool("skip_nonfinite", skip_nonfinite)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got norm={norm!r}.")
+    if replicated is not None and axis_name is None:
+        raise ValueError(
+            "replicated only matters with axis_name (inside shard_map/pmap); "
+            "got replicated without axis_name."
+        )
     decays = not _is_static_zero(weight_decay)
+    per_tensor = norm == "per_tensor"
 
     def init_fn(params: Any) -> DeltaGClipState:
-        del params  # No computation on the params: works on ShapeDtypeStructs.
+        # No computation on the params: works on ShapeDtypeStructs.
+        if per_tensor:
+            grad_norm = jax.tree.map(lambda _: jnp.zeros([], NORM_DTYPE), params)
+            scale = jax.tree.map(lambda _: jnp.ones([], NORM_DTYPE), params)
+        else:
+            grad_norm = jnp.zeros([], NORM_DTYPE)
+            scale = jnp.ones([], NORM_DTYPE)
         return DeltaGClipState(
-            grad_norm=jnp.zeros([], NORM_DTYPE),
-            scale=jnp.ones([], NORM_DTYPE),
+            grad_norm=grad_norm,
+            scale=scale,
             nonfinite_count=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(
         updates: Any, state: DeltaGClipState, params: Any = None
     ) -> tuple[Any, DeltaGClipState]:
-        leaves = inexact_leaves(updates)
+        inexact_leaves(updates)  # raises TypeError naming a bad leaf's path
         if decays and params is None:
             shown = (
                 "traced"
@@ -133,34 +169,71 @@ def _make_scale_by_delta_gclip(
                 "Under optax.inject_hyperparams, pass "
                 "static_args=('weight_decay',) to keep a zero weight decay static."
             )
-        grad_norm, finite = norms_and_finite([(leaves, axis_name)])
-        s = delta_gclip_scale(grad_norm, gamma, delta)
+        grads, treedef = jax.tree_util.tree_flatten(
+            updates, is_leaf=lambda x: x is None
+        )
+        rep = _flatten_replicated(replicated, updates, len(grads))
+        present = [i for i, g in enumerate(grads) if g is not None]
+
+        def axes_of(i: int) -> AxisName:
+            return None if rep[i] else axis_name
+
+        if per_tensor:
+            norms: list[Any] = [None] * len(grads)
+            finites = []
+            for i in present:
+                norms[i], fin = norms_and_finite([([grads[i]], axes_of(i))])
+                finites.append(fin)
+            finite = jnp.all(jnp.stack(finites)) if finites else jnp.array(True)
+            scales: list[Any] = [
+                None if n is None else delta_gclip_scale(n, gamma, delta) for n in norms
+            ]
+        else:
+            sharded = [grads[i] for i in present if not rep[i]]
+            replicated_ = [grads[i] for i in present if rep[i]]
+            groups = [(sharded, axis_name)]
+            if replicated_:
+                groups.append((replicated_, None))
+            global_norm, finite = norms_and_finite(groups)
+            s = delta_gclip_scale(global_norm, gamma, delta)
+            scales = [s] * len(grads)
         skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
 
-        def apply(g: Any, p: Any = None) -> Any:
-            if g is None:
-                return None
+        if decays:
+            ps, _ = jax.tree_util.tree_flatten(params, is_leaf=lambda x: x is None)
+            if len(ps) != len(grads):
+                raise ValueError(
+                    "params must have the same tree structure as the updates."
+                )
+        out: list[Any] = [None] * len(grads)
+        for i in present:
             decay = None
             if decays:
+                p = ps[i]
                 decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
                     jnp.promote_types(p.dtype, NORM_DTYPE)
                 )
-            out = _scale_leaf(g, s, decay)
-            if skip_nonfinite is False:
-                return out
-            return jnp.where(skip, jnp.zeros_like(out), out)
-
-        if decays:
-            new_updates = jax.tree.map(
-                apply, updates, params, is_leaf=lambda x: x is None
-            )
-        else:
-            new_updates = jax.tree.map(apply, updates, is_leaf=lambda x: x is None)
+            y = _scale_leaf(grads[i], scales[i], decay)
+            if skip_nonfinite is not False:
+                y = jnp.where(skip, jnp.zeros_like(y), y)
+            out[i] = y
+        new_updates = jax.tree_util.tree_unflatten(treedef, out)
 
         zero = jnp.zeros([], NORM_DTYPE)
+        if per_tensor:
+            new_norm = jax.tree_util.tree_unflatten(
+                treedef, [None if n is None else n.astype(NORM_DTYPE) for n in norms]
+            )
+            new_scale = jax.tree_util.tree_unflatten(
+                treedef,
+                [None if x is None else jnp.where(skip, zero, x) for x in scales],
+            )
+        else:
+            new_norm = global_norm.astype(NORM_DTYPE)
+            new_scale = jnp.where(skip, zero, scales[0] if scales else s)
         new_state = DeltaGClipState(
-            grad_norm=grad_norm.astype(NORM_DTYPE),
-            scale=jnp.where(skip, zero, s).astype(NORM_DTYPE),
+            grad_norm=new_norm,
+            scale=new_scale,
             nonfinite_count=state.nonfinite_count + skip.astype(jnp.int32),
         )
         return new_updates, new_state
@@ -173,7 +246,9 @@ def scale_by_delta_gclip(
     delta: chex.Numeric = 1e-3,
     *,
     skip_nonfinite: bool = True,
+    norm: str = "global",
     axis_name: AxisName = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     r"""Scales the updates by the δ-regularized clipping factor of their norm.
 
@@ -212,9 +287,23 @@ def scale_by_delta_gclip(
       skip_nonfinite: if true (the default), a step whose gradient has a
         non-finite entry outputs zero updates and is counted; if false, the
         formula's result (NaN or inf) is propagated.
+      norm: ``"global"`` (the default, the paper's method): one norm over all
+        leaves and one factor for the whole tree. ``"per_tensor"``: each leaf
+        uses its own norm and gets its own factor (the authors'
+        ``deltaGClip_c`` variant); ``grad_norm`` and ``scale`` in the state
+        are then pytrees of float32 scalars with the gradient's structure, and
+        a step is still skipped as a whole if any leaf is not finite. The
+        paper's convergence theorem covers only the global norm.
       axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over
-        which the gradient leaves are sharded; see
+        which the gradient leaves are sharded: the float32 partial sums of
+        squares are added across it with one scalar ``psum``. Leave it
+        ``None`` under ``jax.jit`` with shardings (XLA does the reduction) and
+        when the gradients were already averaged with ``pmean``; see
         :func:`rgclip_optax.global_norm`.
+      replicated: with ``axis_name``, which leaves are *replicated* on every
+        device of the axis (so counted once, not once per device): a pytree of
+        bools with the gradient's structure, or a callable taking the
+        gradient and returning one. ``None``: every leaf is sharded.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -248,5 +337,10 @@ def scale_by_delta_gclip(
       <https://arxiv.org/abs/1905.11881>`_, ICLR 2020.
     """
     return _make_scale_by_delta_gclip(
-        gamma, delta, skip_nonfinite=skip_nonfinite, axis_name=axis_name
+        gamma,
+        delta,
+        skip_nonfinite=skip_nonfinite,
+        norm=norm,
+        axis_name=axis_name,
+        replicated=replicated,
     )

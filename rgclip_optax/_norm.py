@@ -157,7 +157,10 @@ def norms_and_finite(
     total = fast_total()
 
     def fast(total: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jnp.sqrt(total), jnp.array(True)
+        # isfinite(total) is True here; deriving it from total (rather than a
+        # constant) gives it total's device-variance type under shard_map, as
+        # the other branch's flag has.
+        return jnp.sqrt(total), jnp.isfinite(total)
 
     def rescaled(total: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Rare path: the float32 sum is inf or NaN. Either some entry is not
@@ -192,7 +195,9 @@ def norms_and_finite(
     return lax.cond(jnp.isfinite(total), fast, rescaled, total)
 
 
-def global_norm(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
+def global_norm(
+    tree: Any, *, axis_name: AxisName = None, replicated: Any = None
+) -> jax.Array:
     """The L2 norm of a whole pytree, over all leaves together.
 
     .. math::
@@ -212,6 +217,12 @@ def global_norm(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
         so the result is the norm of the whole, unsharded tree. Leave it
         ``None`` under plain ``jax.jit`` (with any sharding: XLA inserts the
         reduction) and for gradients already averaged with ``pmean``.
+      replicated: with ``axis_name``, the leaves that every device of the axis
+        holds in full (e.g. the gradient of a replicated parameter, which
+        ``shard_map`` has already summed): a pytree of bools with ``tree``'s
+        structure, or a callable taking ``tree`` and returning one. Those
+        leaves are counted once instead of once per device. ``None``: every
+        leaf is a shard.
 
     Returns:
       A float32 scalar: the norm. It is ``nan`` if an entry is NaN and ``inf``
@@ -229,6 +240,19 @@ def global_norm(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
       >>> float(rgc.global_norm(jnp.full((4,), 300.0, jnp.float16)))
       600.0
     """
-    leaves = inexact_leaves(tree)
-    norm, _ = norms_and_finite([(leaves, axis_name)])
+    inexact_leaves(tree)
+    if replicated is None:
+        norm, _ = norms_and_finite([(jax.tree.leaves(tree), axis_name)])
+        return norm
+    mask = replicated(tree) if callable(replicated) else replicated
+    flags = jax.tree.leaves(mask)
+    leaves = jax.tree.leaves(tree)
+    if len(flags) != len(leaves):
+        raise ValueError(
+            "replicated must be a pytree of bools with the tree's structure: "
+            f"got {len(flags)} flags for {len(leaves)} leaves."
+        )
+    sharded = [x for x, f in zip(leaves, flags, strict=True) if not f]
+    copies = [x for x, f in zip(leaves, flags, strict=True) if f]
+    norm, _ = norms_and_finite([(sharded, axis_name), (copies, None)])
     return norm
