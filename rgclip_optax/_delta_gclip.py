@@ -19,7 +19,13 @@ import jax.numpy as jnp
 import optax
 
 from rgclip_optax import _validation
-from rgclip_optax._norm import NORM_DTYPE, AxisName, inexact_leaves, norms_and_finite
+from rgclip_optax._norm import (
+    NORM_DTYPE,
+    AxisName,
+    inexact_leaves,
+    norms_and_finite,
+    replicated_flags,
+)
 
 
 class DeltaGClipState(NamedTuple):
@@ -94,21 +100,6 @@ def _is_static_zero(value: Any) -> bool:
 NORMS = ("global", "per_tensor")
 
 
-def _flatten_replicated(replicated: Any, updates: Any, n_leaves: int) -> list[bool]:
-    """One bool per leaf of ``updates`` (``None`` leaves included)."""
-    if replicated is None:
-        return [False] * n_leaves
-    mask = replicated(updates) if callable(replicated) else replicated
-    flags, _ = jax.tree_util.tree_flatten(mask, is_leaf=lambda x: x is None)
-    if len(flags) != n_leaves:
-        raise ValueError(
-            "replicated must be a pytree of bools with the gradient's structure "
-            f"(or a callable returning one): got {len(flags)} leaves for a "
-            f"gradient of {n_leaves}."
-        )
-    return [bool(f) if f is not None else False for f in flags]
-
-
 def _make_scale_by_delta_gclip(
     gamma: chex.Numeric,
     delta: chex.Numeric,
@@ -172,7 +163,7 @@ def _make_scale_by_delta_gclip(
         grads, treedef = jax.tree_util.tree_flatten(
             updates, is_leaf=lambda x: x is None
         )
-        rep = _flatten_replicated(replicated, updates, len(grads))
+        rep = replicated_flags(replicated, updates)
         present = [i for i, g in enumerate(grads) if g is not None]
 
         def axes_of(i: int) -> AxisName:

@@ -195,6 +195,26 @@ def norms_and_finite(
     return lax.cond(jnp.isfinite(total), fast, rescaled, total)
 
 
+def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
+    """One bool per leaf of ``tree`` (``None`` leaves included, as False).
+
+    ``replicated`` is ``None`` (nothing replicated), a pytree of bools with
+    ``tree``'s structure, or a callable taking ``tree`` and returning one.
+    """
+    n_leaves = len(jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0])
+    if replicated is None:
+        return [False] * n_leaves
+    mask = replicated(tree) if callable(replicated) else replicated
+    flags = jax.tree_util.tree_flatten(mask, is_leaf=lambda x: x is None)[0]
+    if len(flags) != n_leaves:
+        raise ValueError(
+            "replicated must be a pytree of bools with the gradient's structure "
+            f"(or a callable returning one): got {len(flags)} flags for "
+            f"{n_leaves} leaves."
+        )
+    return [bool(f) if f is not None else False for f in flags]
+
+
 def global_norm(
     tree: Any, *, axis_name: AxisName = None, replicated: Any = None
 ) -> jax.Array:
@@ -241,18 +261,9 @@ def global_norm(
       600.0
     """
     inexact_leaves(tree)
-    if replicated is None:
-        norm, _ = norms_and_finite([(jax.tree.leaves(tree), axis_name)])
-        return norm
-    mask = replicated(tree) if callable(replicated) else replicated
-    flags = jax.tree.leaves(mask)
-    leaves = jax.tree.leaves(tree)
-    if len(flags) != len(leaves):
-        raise ValueError(
-            "replicated must be a pytree of bools with the tree's structure: "
-            f"got {len(flags)} flags for {len(leaves)} leaves."
-        )
-    sharded = [x for x, f in zip(leaves, flags, strict=True) if not f]
-    copies = [x for x, f in zip(leaves, flags, strict=True) if f]
+    leaves = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0]
+    flags = replicated_flags(replicated, tree)
+    sharded = [x for x, f in zip(leaves, flags, strict=True) if x is not None and not f]
+    copies = [x for x, f in zip(leaves, flags, strict=True) if x is not None and f]
     norm, _ = norms_and_finite([(sharded, axis_name), (copies, None)])
     return norm

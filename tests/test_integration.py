@@ -229,3 +229,10 @@ def test_flax_linen_train_state_apply_gradients():
     assert losses[-1] < 0.5 * losses[0]
     assert float(optax.tree.get(state.opt_state, "grad_norm")) > 0
     assert int(state.step) == 50
+
+
+def test_replicated_mask_with_the_wrong_structure_is_a_clear_error():
+    with pytest.raises(ValueError, match="replicated must be a pytree of bools"):
+        rgc.global_norm(
+            {"a": jnp.ones(2), "b": jnp.ones(2)}, axis_name="x", replicated=[True]
+        )
