@@ -23,6 +23,7 @@ from rgclip_optax._norm import (
     NORM_DTYPE,
     AxisName,
     inexact_leaves,
+    norm_groups,
     norms_and_finite,
     replicated_flags,
 )
@@ -180,12 +181,7 @@ def _make_scale_by_delta_gclip(
                 None if n is None else delta_gclip_scale(n, gamma, delta) for n in norms
             ]
         else:
-            sharded = [grads[i] for i in present if not rep[i]]
-            replicated_ = [grads[i] for i in present if rep[i]]
-            groups = [(sharded, axis_name)]
-            if replicated_:
-                groups.append((replicated_, None))
-            global_norm, finite = norms_and_finite(groups)
+            global_norm, finite = norms_and_finite(norm_groups(grads, rep, axis_name))
             s = delta_gclip_scale(global_norm, gamma, delta)
             scales = [s] * len(grads)
         skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
@@ -221,7 +217,7 @@ def _make_scale_by_delta_gclip(
             )
         else:
             new_norm = global_norm.astype(NORM_DTYPE)
-            new_scale = jnp.where(skip, zero, scales[0] if scales else s)
+            new_scale = jnp.where(skip, zero, s)
         new_state = DeltaGClipState(
             grad_norm=new_norm,
             scale=new_scale,

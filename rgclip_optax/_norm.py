@@ -215,6 +215,17 @@ def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
     return [bool(f) if f is not None else False for f in flags]
 
 
+def norm_groups(
+    leaves: Sequence[Any], flags: Sequence[bool], axis_name: AxisName
+) -> list[tuple[list[jax.Array], AxisName]]:
+    """Groups for :func:`norms_and_finite`: shards summed over ``axis_name``,
+    replicated leaves counted once. ``None`` leaves are dropped."""
+    pairs = list(zip(leaves, flags, strict=True))
+    sharded = [x for x, f in pairs if x is not None and not f]
+    copies = [x for x, f in pairs if x is not None and f]
+    return [(sharded, axis_name), (copies, None)]
+
+
 def global_norm(
     tree: Any, *, axis_name: AxisName = None, replicated: Any = None
 ) -> jax.Array:
@@ -263,7 +274,5 @@ def global_norm(
     inexact_leaves(tree)
     leaves = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0]
     flags = replicated_flags(replicated, tree)
-    sharded = [x for x, f in zip(leaves, flags, strict=True) if x is not None and not f]
-    copies = [x for x, f in zip(leaves, flags, strict=True) if x is not None and f]
-    norm, _ = norms_and_finite([(sharded, axis_name), (copies, None)])
+    norm, _ = norms_and_finite(norm_groups(leaves, flags, axis_name))
     return norm
