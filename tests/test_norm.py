@@ -122,3 +122,39 @@ def test_float16_on_cpu_uses_no_more_memory_than_optax():
     # optax's included; we must not add a second copy on top of that.
     g = jnp.ones((1024, 1024), jnp.float16)
     assert _temp_bytes(rgc.global_norm, g) <= _temp_bytes(optax.tree.norm, g) + 1024
+
+
+def mixed_tree(big_value=None, small_value=None):
+    """Large leaves (reduced one by one) and many small leaves of three dtypes
+    (reduced packed together per dtype), as in a real network."""
+    rng = np.random.default_rng(1)
+    big = rng.normal(size=(300, 300))  # 90,000 entries > SMALL_LEAF_SIZE
+    if big_value is not None:
+        big[7, 11] = big_value
+    small = {
+        f"s{i}": jnp.asarray(rng.normal(size=(i % 7 + 1, 3)), dt)
+        for i, dt in enumerate([jnp.float32, jnp.bfloat16, jnp.float16] * 40)
+    }
+    if small_value is not None:
+        small["s4"] = small["s4"].at[0, 0].set(small_value)
+    return {"big": jnp.asarray(big, jnp.float32), "small": small}
+
+
+def test_large_and_packed_small_leaves_of_mixed_dtypes_match_reference():
+    from rgclip_optax._norm import SMALL_LEAF_SIZE
+
+    tree = mixed_tree()
+    assert tree["big"].size > SMALL_LEAF_SIZE
+    np.testing.assert_allclose(float(rgc.global_norm(tree)), ref.norm(tree), rtol=1e-6)
+    got = float(jax.jit(rgc.global_norm)(tree))
+    np.testing.assert_allclose(got, ref.norm(tree), rtol=1e-6)
+
+
+def test_packed_small_leaves_rescale_and_flag_like_single_leaves():
+    # Overflow in the large leaf: the rescaled branch handles both kinds.
+    tree = mixed_tree(big_value=3e30)
+    np.testing.assert_allclose(float(rgc.global_norm(tree)), ref.norm(tree), rtol=1e-6)
+    # A NaN or an infinity inside a packed bfloat16 leaf.
+    assert np.isnan(float(rgc.global_norm(mixed_tree(small_value=np.nan))))
+    assert float(rgc.global_norm(mixed_tree(small_value=np.inf))) == np.inf
+    assert float(rgc.global_norm(mixed_tree(small_value=-np.inf))) == np.inf
