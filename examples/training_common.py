@@ -1,0 +1,382 @@
+"""What the paper-reproduction examples share.
+
+* the command line (``--optimizer``, ``--learning-rate``, ``--gamma``,
+  ``--delta``, ``--epochs``, ``--batch-size``, ``--seed``, ``--schedule``,
+  ``--data-dir``, ``--out``) with per-optimizer defaults;
+* the optimizers and the step-decay schedule;
+* the epoch loop: jitted chunks of steps under a tqdm bar, evaluation after
+  every epoch (epoch 0 is the initialization), per-step ``grad_norm`` and
+  step size ``h``;
+* the JSON record and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import rgclip_optax as rgc
+
+OPTIMIZERS = ("sgd", "adam", "gclip", "delta_gclip")
+# The schedule multiplies eta by 0.1 at these fractions of the run (epochs 100
+# and 150 of the paper's 200).
+DECAY_AT = (0.5, 0.75)
+DECAY_FACTOR = 0.1
+
+Defaults = Mapping[str, Mapping[str, float]]
+
+# PyTorch's default initialization of nn.Linear and nn.Conv2d, which the
+# authors' models use: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+TORCH_KERNEL_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    *,
+    defaults: Defaults,
+    epochs: int,
+    batch_size: int,
+    data_dir: Path | None,
+    out: Path,
+    schedule: bool,
+) -> None:
+    """Adds the flags every example takes; hyperparameters default per optimizer."""
+    shown = "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in hp.items())
+        for name, hp in defaults.items()
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="delta_gclip",
+        help=f"optimizer (default delta_gclip). Defaults per optimizer: {shown}",
+    )
+    parser.add_argument("--learning-rate", type=float, help="eta (peak value)")
+    parser.add_argument("--gamma", type=float, help="clipping threshold (clip only)")
+    parser.add_argument("--delta", type=float, help="δ floor (delta_gclip only)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--schedule",
+        action=argparse.BooleanOptionalAction,
+        default=schedule,
+        help="multiply eta by 0.1 at 50%% and 75%% of the epochs "
+        "(epochs 100 and 150 of 200), for every optimizer alike",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=data_dir,
+        required=data_dir is None,
+        help="dataset directory" + (f" (default {data_dir})" if data_dir else ""),
+    )
+    parser.add_argument("--out", type=Path, default=out, help="output directory")
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=50,
+        help="training steps per jitted call (at most; a divisor of the epoch)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+
+
+def resolve_hyperparameters(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: Defaults
+) -> dict[str, float]:
+    """Fills unset hyperparameters from the optimizer's defaults; checks them."""
+    name = args.optimizer
+    hp = dict(defaults[name])
+    for key in ("learning_rate", "gamma", "delta"):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in hp:
+            parser.error(
+                f"--{key.replace('_', '-')}={value} does not apply to "
+                f"--optimizer={name}; it takes "
+                + ", ".join(f"--{k.replace('_', '-')}" for k in hp)
+            )
+        hp[key] = value
+    for flag in ("epochs", "batch_size", "steps_per_call"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')} must be a positive integer, got "
+                f"{getattr(args, flag)}"
+            )
+    try:  # the library's own checks name the parameter and the allowed range
+        make_optimizer(name, hp)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    return hp
+
+
+def learning_rate_schedule(
+    learning_rate: float, *, schedule: bool, epochs: int, steps_per_epoch: int
+) -> optax.Schedule:
+    """Constant eta, or eta x0.1 at 50% and 75% of the epochs."""
+    if not schedule:
+        return optax.constant_schedule(learning_rate)
+    bounds: dict[int, float] = {}
+    for f in DECAY_AT:  # in short runs both decays may fall on one epoch
+        step = max(1, round(f * epochs)) * steps_per_epoch
+        bounds[step] = bounds.get(step, 1.0) * DECAY_FACTOR
+    return optax.piecewise_constant_schedule(learning_rate, bounds)
+
+
+def make_optimizer(
+    name: str, hp: Mapping[str, Any], learning_rate: Any = None
+) -> optax.GradientTransformation:
+    """The optimizer ``name`` with hyperparameters ``hp`` (lr may be a schedule)."""
+    lr = hp["learning_rate"] if learning_rate is None else learning_rate
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "gclip":
+        return rgc.gclip(lr, hp["gamma"])
+    if name == "delta_gclip":
+        return rgc.delta_gclip(lr, hp["gamma"], hp["delta"])
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def step_log(
+    grads: Any, opt_state: Any, learning_rate: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(grad_norm, h)`` of the step just taken.
+
+    For δ-GClip and GClip both come from the optimizer state (no extra pass over
+    the gradient) and ``h = learning_rate * scale``; for SGD and Adam, ``h`` is
+    the learning rate and the norm is computed with :func:`rgc.global_norm`.
+    """
+    states = optax.tree.get_all_with_path(
+        opt_state, "grad_norm", filtering=lambda _, v: isinstance(v, jax.Array)
+    )
+    if states:
+        grad_norm = states[0][1]
+        scale = optax.tree.get(opt_state, "scale")
+        return grad_norm, learning_rate * scale
+    return rgc.global_norm(grads), jnp.asarray(learning_rate, jnp.float32)
+
+
+def steps_per_call(steps_per_epoch: int, at_most: int) -> int:
+    """The largest divisor of the epoch's step count that is <= ``at_most``."""
+    return max(
+        d
+        for d in range(1, min(at_most, steps_per_epoch) + 1)
+        if steps_per_epoch % d == 0
+    )
+
+
+def device_description() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+    }
+
+
+def fit(
+    carry: Any,
+    *,
+    epochs: int,
+    n_train: int,
+    batch_size: int,
+    chunk: int,
+    seed: int,
+    train_chunk: Callable[[Any, np.ndarray], tuple[Any, dict[str, jax.Array]]],
+    evaluate: Callable[[Any], dict[str, float]],
+    desc: str,
+) -> tuple[Any, dict[str, Any]]:
+    """Trains ``epochs`` epochs in chunks of steps and evaluates after each.
+
+    Every epoch visits a fresh permutation of the training set (seeded by
+    ``seed`` and the epoch, so runs are reproducible); the last partial batch
+    is dropped.
+
+    Args:
+      carry: the training state (params, optimizer state, ...).
+      epochs: epochs to train.
+      n_train: training examples.
+      batch_size: examples per step.
+      chunk: steps per call of ``train_chunk``; divides the steps per epoch.
+      seed: the shuffling seed.
+      train_chunk: ``(carry, batch_indices) -> (carry, logs)``, with
+        ``batch_indices`` of shape ``(chunk, batch_size)`` and ``logs`` mapping
+        ``loss``, ``grad_norm`` and ``h`` to arrays of ``chunk``.
+      evaluate: ``carry -> {metric: value}``, run at epoch 0 and after each
+        epoch's training.
+      desc: the progress bar's label.
+
+    Returns:
+      The final carry and a history: per-epoch metrics (epoch 0 first), the
+      per-step logs, wall times and the compile time of the first chunk.
+    """
+    metrics = [{"epoch": 0, **evaluate(carry)}]
+    steps: dict[str, list[np.ndarray]] = {"loss": [], "grad_norm": [], "h": []}
+    train_seconds = 0.0
+    compile_seconds = 0.0
+    start = time.perf_counter()
+    steps_per_epoch = n_train // batch_size
+    with tqdm(
+        total=epochs * steps_per_epoch, desc=desc, unit="step", mininterval=1.0
+    ) as bar:
+        for epoch in range(1, epochs + 1):
+            order = np.random.default_rng((seed, epoch)).permutation(n_train)
+            batches = order[: steps_per_epoch * batch_size].reshape(
+                steps_per_epoch, batch_size
+            )
+            for first in range(0, steps_per_epoch, chunk):
+                t0 = time.perf_counter()
+                carry, logs = train_chunk(carry, batches[first : first + chunk])
+                logs = jax.device_get(logs)  # also waits for the chunk
+                elapsed = time.perf_counter() - t0
+                if epoch == 1 and first == 0:
+                    compile_seconds = elapsed
+                else:
+                    train_seconds += elapsed
+                for key in steps:
+                    steps[key].append(np.asarray(logs[key], np.float64))
+                bar.update(chunk)
+                bar.set_postfix(loss=f"{float(np.mean(logs['loss'])):.4g}")
+            metrics.append({"epoch": epoch, **evaluate(carry)})
+            bar.set_postfix(
+                loss=f"{float(np.mean(steps['loss'][-1])):.4g}",
+                **{k: f"{v:.4g}" for k, v in metrics[-1].items() if k != "epoch"},
+            )
+    timed_steps = epochs * steps_per_epoch - chunk
+    history = {
+        "epochs": metrics,
+        "steps": {k: np.concatenate(v).tolist() for k, v in steps.items()},
+        "wall_seconds": time.perf_counter() - start,
+        "first_chunk_seconds": compile_seconds,
+        "train_steps_per_second": timed_steps / train_seconds
+        if timed_steps > 0 and train_seconds > 0
+        else None,
+    }
+    return carry, history
+
+
+def run_record(
+    experiment: str,
+    args: Any,
+    hp: Mapping[str, float],
+    data: Mapping[str, np.ndarray],
+    summary: dict[str, float],
+    history: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON record of one run."""
+    return {
+        "experiment": experiment,
+        "hyperparameters": {**vars(args), **hp},
+        "data": {
+            "dir": str(args.data_dir),
+            "train": len(data["x_train"]),
+            "test": len(data["x_test"]),
+        },
+        "device": device_description(),
+        "summary": summary,
+        "history": history,
+    }
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN/inf: a diverged value is written as null."""
+    return x if math.isfinite(x) else None
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(record)))
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float):
+        return finite_or_none(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def learning_rate_per_step(n_steps: int, schedule: optax.Schedule) -> np.ndarray:
+    return np.asarray(jax.vmap(schedule)(jnp.arange(n_steps)))
+
+
+def plot_run(
+    record: dict[str, Any],
+    path: Path,
+    *,
+    schedule: optax.Schedule,
+    metric_panels: tuple[tuple[str, ...], ...],
+    log_metrics: bool,
+) -> None:
+    """Per-epoch curves (one panel per group of metrics) and ``h`` per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = record["history"]
+    hp = record["hyperparameters"]
+    epochs = [m["epoch"] for m in history["epochs"]]
+    panels = len(metric_panels) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    for ax, keys in zip(axes, metric_panels, strict=False):
+        for key in keys:
+            values = [
+                m[key] if m[key] is not None else np.nan for m in history["epochs"]
+            ]
+            ax.plot(epochs, values, label=key.replace("_", " "))
+        if log_metrics:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch (0 = initialization)")
+        ax.legend()
+    axes[0].set_title(f"{record['experiment']}: {hp['optimizer']}, seed {hp['seed']}")
+    ax = axes[-1]
+    h = np.asarray(history["steps"]["h"], dtype=np.float64)
+    ax.plot(h, lw=0.6, label="h (step size)")
+    eta = learning_rate_per_step(len(h), schedule)
+    ax.plot(eta, color="gray", ls="--", lw=1, label="η")
+    if hp.get("delta") is not None and hp["optimizer"] == "delta_gclip":
+        ax.plot(eta * hp["delta"], color="red", ls=":", lw=1, label="ηδ (floor)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("h")
+    ax.set_title("h = η·min(1, max(δ, γ/‖g‖))")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
