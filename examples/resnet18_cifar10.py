@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from datasets import DatasetError, load_cifar10
+from data_loaders import DatasetError, load_cifar10
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from training_common import (

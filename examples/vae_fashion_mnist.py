@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from datasets import FASHION_MNIST_DIR, DatasetError, load_fashion_mnist
+from data_loaders import FASHION_MNIST_DIR, DatasetError, load_fashion_mnist
 from flax import nnx
 from training_common import (
     TORCH_KERNEL_INIT,

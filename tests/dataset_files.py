@@ -1,6 +1,6 @@
 """Writers of tiny datasets in the official on-disk formats, for the tests.
 
-These are written independently of ``examples/datasets.py`` (from the format
+These are written independently of ``examples/data_loaders.py`` (from the format
 specifications: IDX headers are a big-endian magic number and dimension sizes;
 CIFAR-10 batches are pickled dicts of ``b"data"`` rows of R, G, B planes and
 ``b"labels"``), so the loaders are checked against the formats, not themselves.

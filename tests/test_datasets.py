@@ -16,7 +16,7 @@ from tests.dataset_files import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from datasets import DatasetError, load_cifar10, load_fashion_mnist
+from data_loaders import DatasetError, load_cifar10, load_fashion_mnist
 
 
 def test_fashion_mnist_round_trip(tmp_path):

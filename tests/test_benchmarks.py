@@ -1,0 +1,84 @@
+"""Smoke test of benchmarks/step_overhead.py on shrunken trees.
+
+Timings are not asserted (performance is measured by the benchmark, not by
+tests); the test checks that every case runs, that the reported numbers are
+consistent with each other, and that the recompilation check counts traces.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import step_overhead  # noqa: E402
+
+
+def test_tree_shapes_match_the_models():
+    resnet = step_overhead.tree_shapes("resnet18", 1.0)
+    assert len(resnet) == 62
+    assert sum(math.prod(s) for s in resnet.values()) == 11_173_962
+    gpt = step_overhead.tree_shapes("transformer", 1.0)
+    assert len(gpt) == 148
+    assert sum(math.prod(s) for s in gpt.values()) == 124_439_808
+    assert len(step_overhead.tree_shapes("small10k", 1.0)) == 10_000
+    shrunk = step_overhead.tree_shapes("flat50m", 0.001)
+    assert shrunk == {"w": (50_000,)}
+
+
+def test_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "bench"
+    record = step_overhead.main(
+        [
+            "--platform", "cpu",
+            "--trees", "resnet18", "flat50m",
+            "--scale", "0.002",
+            "--samples", "2",
+            "--sample-seconds", "0.001",
+            "--optimizers", "delta_gclip", "clip_sgd", "sgd", "adam",
+            "--no-e2e",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert [(c["tree"], c["dtype"]) for c in record["cases"]] == [
+        ("resnet18", "float32"),
+        ("resnet18", "bfloat16"),
+        ("flat50m", "float32"),
+        ("flat50m", "bfloat16"),
+    ]
+    for case in record["cases"]:
+        r = case["results"]
+        assert set(r) == {"delta_gclip", "clip_sgd", "sgd", "adam"}
+        for name, x in r.items():
+            assert len(x["samples_s"]) == 2 and x["median_s"] > 0
+            assert x["q25_s"] <= x["median_s"] <= x["q75_s"]
+            assert x["ratio_to_sgd"] == pytest.approx(
+                x["median_s"] / r["sgd"]["median_s"]
+            )
+            assert x["memory"]["peak_bytes"] > 0 and x["compile_s"] > 0
+        words = 4 * case["params"] * (2 if case["dtype"] == "bfloat16" else 4)
+        assert r["delta_gclip"]["gb_per_s"] == pytest.approx(
+            words / r["delta_gclip"]["median_s"] / 1e9
+        )
+    assert record["no_recompilation"]["traces"] == 1
+    scales = [v["scale"] for v in record["no_recompilation"]["values"]]
+    # g = params + 3: w = 4 (64x64), b = 3 (64); s = min(1, max(delta, gamma/norm))
+    norm = (16 * 64 * 64 + 9 * 64) ** 0.5
+    expected = [
+        min(1, max(d, g / norm)) for g, d in [(1, 1e-3), (2, 1e-2), (0.5, 0.5), (10, 0)]
+    ]
+    assert scales == pytest.approx(expected, rel=1e-5)
+    assert record["targets"]["no_recompilation"]["pass"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["device"]["platform"] == "cpu"
+    table = out.with_suffix(".md").read_text()
+    assert "| resnet18 | bfloat16 |" in table and "no_recompilation: PASS" in table
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        step_overhead.main(["--scale", "2"])
+    assert "--scale must be in (0, 1], got 2.0" in capsys.readouterr().err
