@@ -24,7 +24,8 @@ def test_tree_shapes_match_the_models():
     gpt = step_overhead.tree_shapes("transformer", 1.0)
     assert len(gpt) == 148
     assert sum(math.prod(s) for s in gpt.values()) == 124_439_808
-    assert len(step_overhead.tree_shapes("small10k", 1.0)) == 10_000
+    assert len(step_overhead.tree_shapes("small_leaves", 1.0)) == 10_000
+    assert step_overhead.tree_shapes("small_leaves", 1.0, 30)["p00029"] == (100,)
     shrunk = step_overhead.tree_shapes("flat50m", 0.001)
     assert shrunk == {"w": (50_000,)}
 
@@ -78,7 +79,16 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert "| resnet18 | bfloat16 |" in table and "no_recompilation: PASS" in table
 
 
-def test_bad_arguments_are_refused(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--scale", "2"], "--scale must be in (0, 1], got 2.0"),
+        (["--samples", "0"], "--samples must be a positive integer, got 0"),
+        (["--small-leaves", "-3"], "--small-leaves must be a positive integer, got -3"),
+        (["--trees", "vgg"], "invalid choice: 'vgg'"),
+    ],
+)
+def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        step_overhead.main(["--scale", "2"])
-    assert "--scale must be in (0, 1], got 2.0" in capsys.readouterr().err
+        step_overhead.main(argv)
+    assert message in capsys.readouterr().err
