@@ -186,13 +186,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(a)), float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
 
 
+def _num(x: float) -> str:
+    return f"{x:.4g}" if abs(x) >= 1e4 or 0 < abs(x) < 1e-2 else f"{x:.4f}"
+
+
 def fmt(values: list[float | None]) -> str:
+    """mean ± sample std over seeds (just the value for one seed)."""
     finite = [v for v in values if v is not None and np.isfinite(v)]
     if len(finite) < len(values):
-        return f"diverged in {len(values) - len(finite)}/{len(values)}"
+        return f"non-finite in {len(values) - len(finite)}/{len(values)}"
     m, s = mean_std(finite)
-    digits = 4 if abs(m) < 10 else 2
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return _num(m) if len(finite) == 1 else f"{_num(m)} ± {_num(s)}"
 
 
 def best(values: list[float | None], higher: bool) -> float | None:
@@ -270,7 +274,7 @@ def write_table(
             row += [fmt(final), fmt(bests)]
         sps = [r["history"]["train_steps_per_second"] for r in rs]
         sps = [s for s in sps if s]
-        row.append(f"{np.median(sps):.0f}" if sps else "-")
+        row.append(f"{np.median(sps):.3g}" if sps else "-")
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",

@@ -244,7 +244,8 @@ def test_runner_writes_table_plot_and_summary(tmp_path):
         )["summary"]["final_train_loss"]
         for s in (0, 1)
     ]
-    assert f"{np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f}" in rows[2]
+    num = paper_experiments._num
+    assert f"{num(np.mean(finals))} ± {num(np.std(finals, ddof=1))}" in rows[2]
     summary = json.loads(md.with_suffix(".json").read_text())
     assert [r["seed"] for r in summary["runs"]["sgd"]] == [0, 1]
     assert md.with_suffix(".png").read_bytes()[:8] == PNG
