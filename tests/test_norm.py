@@ -128,7 +128,7 @@ def mixed_tree(big_value=None, small_value=None):
     """Large leaves (reduced one by one) and many small leaves of three dtypes
     (reduced packed together per dtype), as in a real network."""
     rng = np.random.default_rng(1)
-    big = rng.normal(size=(300, 300))  # 90,000 entries > SMALL_LEAF_SIZE and > RESCALE_CHUNK
+    big = rng.normal(size=(300, 300))  # 90,000 > SMALL_LEAF_SIZE, RESCALE_CHUNK
     if big_value is not None:
         big[7, 11] = big_value
     small = {
