@@ -181,7 +181,8 @@ def tree_shapes(
 def timed_samples(
     runners: dict[str, Callable[[], None]], samples: int, sample_seconds: float
 ) -> dict[str, list[float]]:
-    """Seconds per call of each runner: interleaved samples, each >= sample_seconds."""
+    """Seconds per call of each runner: interleaved samples, each >= sample_seconds,
+    in an order rotated from round to round."""
     repeats = {}
     for name, run in runners.items():  # warm up, then calibrate repeats
         for _ in range(3):
@@ -191,8 +192,11 @@ def timed_samples(
         once = max(time.perf_counter() - t0, 1e-7)
         repeats[name] = max(1, int(sample_seconds / once))
     out: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(samples):
-        for name, run in runners.items():
+    names = list(runners)
+    for i in range(samples):
+        # Rotate the order each round so no runner always goes first.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            run = runners[name]
             t0 = time.perf_counter()
             for _ in range(repeats[name]):
                 run()
