@@ -117,6 +117,23 @@ def test_no_upcast_copy_of_the_gradient_is_materialized(dtype):
     assert _temp_bytes(rgc.global_norm, g) < g.size
 
 
+def test_rescale_branch_of_a_float32_tree_reserves_no_leaf_sized_buffer(
+    monkeypatch,
+):
+    # Several large float32 leaves (as in a CNN): the rarely taken rescaled
+    # sum must not reserve a temporary of a leaf's size.
+    from rgclip_optax import _norm
+
+    tree = [jnp.ones((3, 3, 256, 256)) for _ in range(4)]  # 2.4 MB each
+    leaf_bytes = tree[0].size * 4
+    # A fresh function each time, so jit traces anew instead of reusing its cache.
+    assert _temp_bytes(lambda t: rgc.global_norm(t), tree) < leaf_bytes // 4
+    # Without the chunked loop the same tree does reserve one (the regression
+    # this guards against).
+    monkeypatch.setattr(_norm, "RESCALE_CHUNK", 1 << 30)
+    assert _temp_bytes(lambda t: rgc.global_norm(t), tree) >= leaf_bytes
+
+
 def test_float16_on_cpu_uses_no_more_memory_than_optax():
     # XLA:CPU has no float16 arithmetic and upcasts any float16 reduction,
     # optax's included; we must not add a second copy on top of that.
