@@ -38,11 +38,13 @@ def _finalize(
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps the alias chain (the rule first): stable dtypes, whole-step skips.
 
-    * Dtypes: every update leaf keeps its gradient leaf's dtype and every
-      state leaf its dtype from the step before. Without this, a float32
-      hyperparameter traced by ``optax.inject_hyperparams`` promotes bfloat16
-      momentum and updates to float32 inside ``optax.trace`` and
-      ``optax.scale``, and the state's dtypes drift between steps.
+    * Dtypes: the rule hands its updates down the chain in float32 (momentum
+      and learning rate are applied at that precision), and they are cast
+      here, once, to each gradient leaf's dtype; every state leaf keeps its
+      dtype from the step before. So a bfloat16 update is rounded once, not
+      after each link, and a float32 hyperparameter traced by
+      ``optax.inject_hyperparams`` cannot make the state's dtypes drift
+      between steps.
     * Skips: the rule counts a skipped step in ``nonfinite_count``; when that
       count moves, the rest of the chain's state is held as it was and the
       updates are zero, as ``optax.apply_if_finite`` does, but from the flag
@@ -175,6 +177,7 @@ def delta_gclip(
             norm=norm,
             axis_name=axis_name,
             replicated=replicated,
+            wide_updates=True,
         )
     ]
     if momentum is not None:

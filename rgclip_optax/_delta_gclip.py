@@ -80,8 +80,11 @@ def delta_gclip_scale(
     return jnp.where(norm <= gamma, one, clipped)
 
 
-def _scale_leaf(g: jax.Array, s: jax.Array, decay: Any = None) -> jax.Array:
-    """``s * (g + decay)`` computed in float32 (or wider), cast back to g's dtype."""
+def _scale_leaf(
+    g: jax.Array, s: jax.Array, decay: Any = None, *, cast: bool = True
+) -> jax.Array:
+    """``s * (g + decay)`` computed in float32 (or wider), cast back to g's dtype
+    unless ``cast`` is false."""
     if jnp.iscomplexobj(g):
         acc = jnp.promote_types(g.dtype, jnp.complex64)
     else:
@@ -90,7 +93,8 @@ def _scale_leaf(g: jax.Array, s: jax.Array, decay: Any = None) -> jax.Array:
     if decay is not None:
         y = y + decay.astype(acc)
     real = jnp.finfo(acc).dtype
-    return (y * s.astype(real)).astype(g.dtype)
+    y = y * s.astype(real)
+    return y.astype(g.dtype) if cast else y
 
 
 def _is_static_zero(value: Any) -> bool:
@@ -110,12 +114,19 @@ def _make_scale_by_delta_gclip(
     norm: str = "global",
     axis_name: AxisName = None,
     replicated: Any = None,
+    wide_updates: bool = False,
 ) -> optax.GradientTransformation:
     """The rule, with the optional decoupled-from-the-norm weight decay.
 
     ``weight_decay`` follows the authors' reference implementation: the norm is
     that of the raw gradient, and the decay term is added afterwards and scaled
     by the same factor, ``s * (g + weight_decay * w)``.
+
+    ``wide_updates``: output the scaled updates in float32 (or wider) instead of
+    each gradient leaf's dtype. The full optimizers use it so that a bfloat16
+    update is rounded once, after the learning rate, and not after every link
+    of the chain (each rounding is also a conversion pass on XLA:CPU); they
+    cast back to the gradient's dtypes at the end.
     """
     _validation.check_positive("gamma", gamma, allow_inf=True)
     _validation.check_interval("delta", delta, 0.0, 1.0)
@@ -200,7 +211,7 @@ def _make_scale_by_delta_gclip(
                 decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
                     jnp.promote_types(p.dtype, NORM_DTYPE)
                 )
-            y = _scale_leaf(grads[i], scales[i], decay)
+            y = _scale_leaf(grads[i], scales[i], decay, cast=not wide_updates)
             if skip_nonfinite is not False:
                 y = jnp.where(skip, jnp.zeros_like(y), y)
             out[i] = y

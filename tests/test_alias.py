@@ -227,6 +227,32 @@ def test_extra_args_pass_through_chains():
     np.testing.assert_allclose(u, -0.1 * np.ones(2), rtol=1e-6)
 
 
+def _bf16_ulp(x: np.ndarray) -> np.ndarray:
+    # bfloat16 keeps 8 significant bits: one unit in the last place of |x|.
+    return np.exp2(np.floor(np.log2(np.abs(x))) - 7)
+
+
+def test_bfloat16_update_is_rounded_once_after_the_learning_rate():
+    # The rule hands float32 updates down the chain, so the bfloat16 update is
+    # the exact -h*g rounded once (within half a unit in the last place). Chained
+    # as scale_by_delta_gclip + optax.sgd, it is rounded after the rule and
+    # again after a bfloat16-rounded learning rate, and is measurably worse.
+    rng = np.random.default_rng(3)
+    g = jnp.asarray(rng.normal(size=(4096,)) * 30.0, jnp.bfloat16)
+    lr, gamma, delta = 0.3, 1.0, 1e-3  # 0.3 is not a bfloat16 number
+    exact = -lr * ref.scale(ref.norm(g), gamma, delta) * ref.to_f64(g)
+
+    tx = rgc.delta_gclip(lr, gamma, delta)
+    u, _ = tx.update(g, tx.init(g))
+    assert u.dtype == jnp.bfloat16
+    err_ulps = np.abs(ref.to_f64(u) - exact) / _bf16_ulp(exact)
+    assert err_ulps.max() <= 0.5 + 1e-3
+
+    chained = optax.chain(rgc.scale_by_delta_gclip(gamma, delta), optax.sgd(lr))
+    u2, _ = chained.update(g, chained.init(g))
+    assert (np.abs(ref.to_f64(u2) - exact) / _bf16_ulp(exact)).max() > 0.5 + 1e-3
+
+
 def test_bfloat16_step_materializes_no_float32_copy_of_the_gradient(monkeypatch):
     # The norm and the update both convert the gradient to float32. Unless the
     # norm reads it through an optimization barrier, XLA merges the two
