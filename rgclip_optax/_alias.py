@@ -15,12 +15,12 @@ from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import optax
 
 from rgclip_optax import _validation
 from rgclip_optax._delta_gclip import DeltaGClipState, _make_scale_by_delta_gclip
 from rgclip_optax._norm import AxisName
+from rgclip_optax._select import select, zero_where
 
 
 def _cast_like(new: Any, old: Any) -> Any:
@@ -48,8 +48,8 @@ def _finalize(
     * Skips: the rule counts a skipped step in ``nonfinite_count``; when that
       count moves, the rest of the chain's state is held as it was and the
       updates are zero, as ``optax.apply_if_finite`` does, but from the flag
-      the norm already computed. Both are selects that XLA fuses into the
-      elementwise update.
+      the norm already computed. Both are bit-mask selects (see ``_select``)
+      that XLA fuses into the elementwise update.
     """
 
     def update_fn(
@@ -66,11 +66,9 @@ def _finalize(
         rule_new: DeltaGClipState = new_state[0]
         skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
         held = jax.tree.map(
-            lambda new, old: jnp.where(skipped, old, new), new_state[1:], state[1:]
+            lambda new, old: select(skipped, old, new), new_state[1:], state[1:]
         )
-        new_updates = jax.tree.map(
-            lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates
-        )
+        new_updates = jax.tree.map(lambda u: zero_where(skipped, u), new_updates)
         return new_updates, (rule_new, *held)
 
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -27,6 +27,7 @@ from rgclip_optax._norm import (
     norms_and_finite,
     replicated_flags,
 )
+from rgclip_optax._select import zero_where
 
 
 class DeltaGClipState(NamedTuple):
@@ -213,7 +214,7 @@ def _make_scale_by_delta_gclip(
                 )
             y = _scale_leaf(grads[i], scales[i], decay, cast=not wide_updates)
             if skip_nonfinite is not False:
-                y = jnp.where(skip, jnp.zeros_like(y), y)
+                y = zero_where(skip, y)
             out[i] = y
         new_updates = jax.tree_util.tree_unflatten(treedef, out)
 
