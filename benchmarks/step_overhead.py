@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TREES = ("resnet18", "transformer", "flat50m", "small_leaves")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("delta_gclip", "clip_sgd", "sgd", "adam", "torch")
+# The VAE example trains in lax.scan chunks; the end-to-end timing does the same.
+VAE_CHUNK = 50
 WORDS_PER_PARAM = {"delta_gclip": 4, "clip_sgd": 4, "sgd": 3, "adam": 7, "torch": 4}
 ETA, GAMMA, DELTA = 0.1, 1.0, 1e-3
 
@@ -503,13 +505,19 @@ def end_to_end(
             if workload == "vae":
                 tx = make_optimizer(opt, VAE_DEFAULTS[opt])
 
-                def step(c: Any, tx: Any = tx) -> Any:
+                def body(c: Any, _: Any, tx: Any = tx) -> Any:
                     p, s, k = c
                     g = jax.grad(vae_loss)(p, k)
                     u, s = tx.update(g, s, p)
-                    return optax.apply_updates(p, u), s, jax.random.fold_in(k, 1)
+                    return (optax.apply_updates(p, u), s, jax.random.fold_in(k, 1)), None
 
-                carry = [(vae_params, tx.init(vae_params), jax.random.key(2))]
+                # As the example trains: VAE_CHUNK steps per call in a lax.scan.
+                def chunk(c: Any, body: Any = body) -> Any:
+                    return jax.lax.scan(body, c, None, length=VAE_CHUNK)[0]
+
+                jitted = jax.jit(chunk, donate_argnums=0)
+                start = (vae_params, tx.init(vae_params), jax.random.key(2))
+                steps_per_call = VAE_CHUNK
             else:
                 tx = make_optimizer(opt, resnet18_cifar10.DEFAULTS[opt])
 
@@ -519,9 +527,13 @@ def end_to_end(
                     u, s = tx.update(g, s, p)
                     return optax.apply_updates(p, u), stats, s
 
+                # As the example trains: one donated jitted step per call.
+                jitted = jax.jit(step, donate_argnums=0)
                 p0 = variables["params"]
-                carry = [(p0, variables["batch_stats"], tx.init(p0))]
-            jitted = jax.jit(step)
+                start = (p0, variables["batch_stats"], tx.init(p0))
+                steps_per_call = 1
+            # A private copy per runner, since the calls donate their input.
+            carry = [jax.tree.map(jnp.copy, start)]
 
             def run(carry: list = carry, jitted: Any = jitted) -> None:
                 carry[0] = jitted(carry[0])
@@ -532,6 +544,7 @@ def end_to_end(
             5, args.samples // (3 if workload == "resnet18" and on_cpu else 1)
         )
         times = timed_samples(runners, samples, args.sample_seconds)
+        times = {o: [x / steps_per_call for x in t] for o, t in times.items()}
         res = {o: stats(t) | {"samples_s": t} for o, t in times.items()}
         out[workload] = {
             "batch": 100 if workload == "vae" else batch,
@@ -581,7 +594,7 @@ def check_targets(record: dict[str, Any]) -> dict[str, Any]:
             )
     out: dict[str, Any] = {k: {"pass": not v, "failures": v} for k, v in fails.items()}
     if not gpu:
-        out["bandwidth_70pct"]["note"] = "checked on GPU only"
+        out["bandwidth_70pct"] = {"pass": None, "note": "a GPU target: not checked"}
     rec = record["no_recompilation"]
     out["no_recompilation"] = {"pass": rec["traces"] == 1, "traces": rec["traces"]}
     if record["end_to_end"]:
@@ -593,6 +606,9 @@ def check_targets(record: dict[str, Any]) -> dict[str, Any]:
             "ratios": ratios,
         }
     return out
+
+
+VERDICT = {True: "PASS", False: "FAIL", None: "n/a"}
 
 
 def ms(seconds: float) -> str:
@@ -663,7 +679,7 @@ def markdown(record: dict[str, Any]) -> str:
         if k == "end_to_end_2pct":
             detail = ", ".join(f"{w} {r:.3f}" for w, r in v["ratios"].items())
         lines.append(
-            f"- {k}: {'PASS' if v['pass'] else 'FAIL'}"
+            f"- {k}: {VERDICT[v['pass']]}"
             + (f" ({detail})" if detail else "")
         )
     return "\n".join(lines) + "\n"
