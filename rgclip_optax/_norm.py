@@ -8,13 +8,15 @@ This is the norm that the δ-GClip transformations use. It differs from
   the format's range) and never loses bits in bfloat16. XLA fuses the
   conversion into the reduction: no upcast copy of the gradient is made.
   Small leaves (biases, norm scales, up to ``SMALL_LEAF_SIZE`` entries) are
-  first raveled into one vector per dtype, so a tree of thousands of small
-  leaves is one reduction, not thousands (compile time and kernel launches).
+  first concatenated per dtype, in groups of up to ``PACK_GROUP_SIZE``
+  entries, so a tree of thousands of small leaves is a few reductions, not
+  thousands (compile time and kernel launches).
 * If every entry is finite but the float32 sum of squares still overflows
   (entries above ~1e19, the exploding gradients clipping exists for), the norm
-  is recomputed with the entries divided by their largest magnitude. That
-  branch runs under ``lax.cond`` only when the fast sum is not finite, so the
-  normal path costs one read of the gradient and nothing more.
+  is recomputed with the entries scaled by the power of two nearest their
+  largest magnitude (exactly, with no rounding). That branch runs under
+  ``lax.cond`` only when the fast sum is not finite, so the normal path costs
+  one read of the gradient and nothing more.
 * It also reports whether every entry was finite. The flag comes from the same
   sum (a NaN or an infinity makes it non-finite), so skipping bad steps costs
   no extra pass over memory.
@@ -22,8 +24,8 @@ This is the norm that the δ-GClip transformations use. It differs from
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,15 +109,22 @@ def _leaf_max_abs(x: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.max(x).astype(acc), -jnp.min(x).astype(acc))
 
 
-def _scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
-    # Divide, not multiply by 1/scale: for scale near float32's maximum the
-    # reciprocal is subnormal and XLA may flush it to zero.
+def _pow2(p: jax.Array) -> jax.Array:
+    """``2.0 ** p`` as float32, exactly, for integers ``p`` in [-126, 127]."""
+    return lax.bitcast_convert_type((p.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def _scaled_sum_of_squares(
+    x: jax.Array, down: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """Sum of ``|x * a * b|**2`` for the powers of two ``down = (a, b)``.
+
+    Multiplying by powers of two is exact: the scaled entries carry the same
+    bits of precision as the entries.
+    """
     acc = _accumulation_dtype(x.dtype)
-    y = (
-        x / scale.astype(acc)
-        if jnp.iscomplexobj(x)
-        else x.astype(acc) / scale.astype(acc)
-    )
+    a, b = (f.astype(acc) for f in down)
+    y = x * a * b if jnp.iscomplexobj(x) else x.astype(acc) * a * b
     return jnp.sum(_abs_squared(y, acc))
 
 
@@ -123,10 +132,12 @@ def _scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
 RESCALE_CHUNK = 1 << 14
 
 
-def _leaf_scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """Sum of ``|x / scale|**2`` over one leaf, with a bounded temporary.
+def _leaf_scaled_sum_of_squares(
+    x: jax.Array, down: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """:func:`_scaled_sum_of_squares` over one leaf, with a bounded temporary.
 
-    For float32 leaves XLA:CPU does not fuse the division into the reduction,
+    For float32 leaves XLA:CPU does not fuse the scaling into the reduction,
     so summing a whole large leaf at once reserves a buffer of the leaf's size
     for this rarely taken branch (12 MB on a ResNet-18 gradient). Large float32
     leaves are summed in chunks read with ``dynamic_slice`` from the flattened
@@ -135,37 +146,21 @@ def _leaf_scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
     n = x.size
     acc = _accumulation_dtype(x.dtype)
     if n <= RESCALE_CHUNK or x.dtype != acc:
-        # Narrower dtypes fuse their conversion and division into the
+        # Narrower dtypes fuse their conversion and scaling into the
         # reduction; a chunk loop would get the conversion hoisted out of it,
         # i.e. an upcast copy of the leaf.
-        return _scaled_sum_of_squares(x, scale)
+        return _scaled_sum_of_squares(x, down)
     flat = jnp.ravel(x)
     full = n // RESCALE_CHUNK
 
     def body(i: jax.Array, total: jax.Array) -> jax.Array:
         chunk = lax.dynamic_slice(flat, (i * RESCALE_CHUNK,), (RESCALE_CHUNK,))
-        return total + _scaled_sum_of_squares(chunk, scale)
+        return total + _scaled_sum_of_squares(chunk, down)
 
     total = lax.fori_loop(0, full, body, jnp.zeros([], acc))
     if n > full * RESCALE_CHUNK:
-        total = total + _scaled_sum_of_squares(flat[full * RESCALE_CHUNK :], scale)
+        total = total + _scaled_sum_of_squares(flat[full * RESCALE_CHUNK :], down)
     return total
-
-
-def _packed(
-    leaves: Sequence[jax.Array],
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    """The reduction operands: the large (or complex) leaves, each on its own,
-    and the small real leaves of each dtype raveled into one vector."""
-    large: list[jax.Array] = []
-    small: dict[Any, list[jax.Array]] = {}
-    for x in leaves:
-        if 0 < x.size <= SMALL_LEAF_SIZE and not jnp.iscomplexobj(x):
-            small.setdefault(jnp.dtype(x.dtype), []).append(jnp.ravel(x))
-        else:
-            large.append(x)
-    packed = [xs[0] if len(xs) == 1 else jnp.concatenate(xs) for xs in small.values()]
-    return large, packed
 
 
 def _unshared(leaves: Sequence[jax.Array]) -> list[jax.Array]:
@@ -194,13 +189,107 @@ def _unshared(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     return leaves
 
 
-def _max_abs(large: Sequence[jax.Array], packed: Sequence[jax.Array]) -> jax.Array:
+# Small leaves are concatenated in groups of at most this many entries, reduced
+# one group after the other. That bounds the rarely taken branch's temporaries
+# to one group and lets XLA reuse a group's buffer for a later one. On XLA:CPU,
+# for 1,000 leaves of 100, the step's temporaries are 475 KB in float32 and
+# 297 KB in bfloat16 (optax's clip_by_global_norm + sgd: 448 KB for both);
+# one concatenation per dtype gave 566 KB and about 850 KB.
+PACK_GROUP_SIZE = 1 << 13
+
+
+class _Operands(NamedTuple):
+    """The reduction operands of a list of leaves."""
+
+    large: list[jax.Array]  # reduced one by one (and complex leaves)
+    groups: list[list[jax.Array]]  # small real leaves of one dtype per group
+
+
+def _operands(leaves: Sequence[jax.Array]) -> _Operands:
+    """Splits off the small real leaves, grouped by dtype and size."""
+    large: list[jax.Array] = []
+    small: dict[Any, list[jax.Array]] = {}
+    for x in leaves:
+        if 0 < x.size <= SMALL_LEAF_SIZE and not jnp.iscomplexobj(x):
+            small.setdefault(jnp.dtype(x.dtype), []).append(x)
+        else:
+            large.append(x)
+    groups: list[list[jax.Array]] = []
+    for xs in small.values():
+        group: list[jax.Array] = []
+        size = 0
+        for x in xs:
+            if group and size + x.size > PACK_GROUP_SIZE:
+                groups.append(group)
+                group, size = [], 0
+            group.append(x)
+            size += x.size
+        groups.append(group)
+    return _Operands(large, groups)
+
+
+def _concatenate(flat: Sequence[jax.Array]) -> jax.Array:
+    """``jnp.concatenate`` of 1-D leaves, with the bits of narrow floats.
+
+    XLA:CPU has no bfloat16 or float16 concatenation: it converts every leaf
+    to float32, concatenates, and rounds back, so the buffer is twice the size
+    and each leaf gets a converted copy. Moving the same bits as unsigned
+    integers of the same width avoids all of that; the values are unchanged.
+    """
+    if len(flat) == 1:
+        return flat[0]
+    dtype = jnp.dtype(flat[0].dtype)
+    if dtype.itemsize >= 4:
+        return jnp.concatenate(flat)
+    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
+    joined = jnp.concatenate([lax.bitcast_convert_type(x, bits) for x in flat])
+    return lax.bitcast_convert_type(joined, dtype)
+
+
+def _reduce_groups(
+    groups: Sequence[Sequence[jax.Array]],
+    reduce: Callable[[jax.Array], jax.Array],
+    combine: Callable[[jax.Array, jax.Array], jax.Array],
+) -> list[jax.Array]:
+    """``reduce`` of each group's concatenation, combined into one scalar.
+
+    Each group is concatenated (a copy, on XLA:CPU) and reduced only once the
+    group before it is done: the optimization barrier ties the group's leaves
+    to the running result, so XLA can reuse one concatenation's buffer for
+    the next. Returns ``[]`` for no groups, else ``[result]``.
+    """
+    acc = None
+    for group in groups:
+        if acc is not None:
+            group, acc = lax.optimization_barrier((list(group), acc))
+        flat = [jnp.ravel(x) for x in group]
+        value = reduce(_concatenate(flat))
+        value = value.astype(NORM_DTYPE)
+        acc = value if acc is None else combine(acc, value)
+    return [] if acc is None else [acc]
+
+
+def _max_abs(ops: _Operands) -> jax.Array:
     """Largest magnitude over the operands; NaN if one holds a NaN."""
-    # A packed vector is a fresh buffer already, so |x| costs no extra copy;
+    # A concatenation is a fresh buffer already, so |x| costs no extra copy;
     # max(max(v), -min(v)) on a concatenation of many leaves compiled for
     # minutes on XLA:CPU.
-    acc = [jnp.max(jnp.abs(v)).astype(_accumulation_dtype(v.dtype)) for v in packed]
-    return _maximum([_leaf_max_abs(x) for x in large] + acc)
+    packed = _reduce_groups(ops.groups, lambda v: jnp.max(jnp.abs(v)), jnp.maximum)
+    return _maximum([_leaf_max_abs(x) for x in ops.large] + packed)
+
+
+def _sum_of_squares(ops: _Operands) -> jax.Array:
+    packed = _reduce_groups(ops.groups, leaf_sum_of_squares, jnp.add)
+    return _sum([leaf_sum_of_squares(x) for x in ops.large] + packed)
+
+
+def _scaled_sum_of_squares_all(
+    ops: _Operands, down: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    packed = _reduce_groups(
+        ops.groups, lambda v: _leaf_scaled_sum_of_squares(v, down), jnp.add
+    )
+    return _sum([_leaf_scaled_sum_of_squares(x, down) for x in ops.large] + packed)
 
 
 def _sum(values: Sequence[jax.Array]) -> jax.Array:
@@ -240,17 +329,8 @@ def norms_and_finite(
       if an entry is NaN, ``inf`` if an entry is infinite.
     """
 
-    # Packed once, outside the cond, so both branches read one buffer.
-    operands = [(_packed(_unshared(leaves)), ax) for leaves, ax in groups]
-
-    def fast_total() -> jax.Array:
-        parts = [
-            _psum(_sum([leaf_sum_of_squares(x) for x in large + packed]), ax)
-            for (large, packed), ax in operands
-        ]
-        return _sum(parts)
-
-    total = fast_total()
+    operands = [(_operands(_unshared(leaves)), ax) for leaves, ax in groups]
+    total = _sum([_psum(_sum_of_squares(ops), ax) for ops, ax in operands])
 
     def fast(total: jax.Array) -> tuple[jax.Array, jax.Array]:
         # isfinite(total) is True here; deriving it from total (rather than a
@@ -261,19 +341,20 @@ def norms_and_finite(
     def rescaled(total: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Rare path: the float32 sum is inf or NaN. Either some entry is not
         # finite, or the squares overflowed. Find the largest magnitude (NaN if
-        # any entry is NaN) and, if it is finite, sum the squares of x / max.
+        # any entry is NaN) and, if it is finite, amax = m * 2**e with m in
+        # [0.5, 1): sum the squares of x * 2**-e, exactly scaled, and scale
+        # the root back. 2**-e is applied as two factors, each a normal float32
+        # for every finite amax.
         del total
-        amax = _maximum([_pmax(_max_abs(*ops), ax) for ops, ax in operands])
+        amax = _maximum([_pmax(_max_abs(ops), ax) for ops, ax in operands])
         finite = jnp.isfinite(amax)
-        safe = jnp.where(finite & (amax > 0), amax, jnp.ones_like(amax))
+        _, e = jnp.frexp(jnp.where(finite & (amax > 0), amax, jnp.ones_like(amax)))
+        half = e // 2
+        down = (_pow2(-half), _pow2(half - e))
         parts = [
-            _psum(
-                _sum([_leaf_scaled_sum_of_squares(x, safe) for x in large + packed]),
-                ax,
-            )
-            for (large, packed), ax in operands
+            _psum(_scaled_sum_of_squares_all(ops, down), ax) for ops, ax in operands
         ]
-        scaled_norm = safe * jnp.sqrt(_sum(parts))
+        scaled_norm = jnp.sqrt(_sum(parts)) * _pow2(half) * _pow2(e - half)
         # Non-finite entries: NaN if any NaN, else +inf.
         bad_norm = jnp.where(jnp.isnan(amax), jnp.nan, jnp.inf).astype(NORM_DTYPE)
         return jnp.where(finite, scaled_norm, bad_norm), finite

@@ -157,7 +157,19 @@ def mixed_tree(big_value=None, small_value=None):
     return {"big": jnp.asarray(big, jnp.float32), "small": small}
 
 
-def test_large_and_packed_small_leaves_of_mixed_dtypes_match_reference():
+@pytest.fixture(params=[1 << 13, 16], ids=["one_group", "many_groups"])
+def pack_group_size(request, monkeypatch):
+    """Runs a test with the default packing and with groups of 16 entries, so
+    the small leaves of each dtype are split over several concatenations."""
+    from rgclip_optax import _norm
+
+    monkeypatch.setattr(_norm, "PACK_GROUP_SIZE", request.param)
+    return request.param
+
+
+def test_large_and_packed_small_leaves_of_mixed_dtypes_match_reference(
+    pack_group_size,
+):
     from rgclip_optax._norm import SMALL_LEAF_SIZE
 
     tree = mixed_tree()
@@ -167,7 +179,7 @@ def test_large_and_packed_small_leaves_of_mixed_dtypes_match_reference():
     np.testing.assert_allclose(got, ref.norm(tree), rtol=1e-6)
 
 
-def test_packed_small_leaves_rescale_and_flag_like_single_leaves():
+def test_packed_small_leaves_rescale_and_flag_like_single_leaves(pack_group_size):
     # Overflow in the large leaf: the rescaled branch handles both kinds.
     tree = mixed_tree(big_value=3e30)
     np.testing.assert_allclose(float(rgc.global_norm(tree)), ref.norm(tree), rtol=1e-6)
@@ -175,3 +187,55 @@ def test_packed_small_leaves_rescale_and_flag_like_single_leaves():
     assert np.isnan(float(rgc.global_norm(mixed_tree(small_value=np.nan))))
     assert float(rgc.global_norm(mixed_tree(small_value=np.inf))) == np.inf
     assert float(rgc.global_norm(mixed_tree(small_value=-np.inf))) == np.inf
+
+
+def test_leaves_are_grouped_by_dtype_within_the_group_size(monkeypatch):
+    from rgclip_optax import _norm
+
+    monkeypatch.setattr(_norm, "PACK_GROUP_SIZE", 10)
+    leaves = [jnp.ones(4), jnp.ones(4, jnp.bfloat16), jnp.ones(5), jnp.ones(3)]
+    leaves += [jnp.ones(5000), jnp.ones(2, jnp.complex64), jnp.ones(0)]
+    ops = _norm._operands(leaves)
+    sizes = [[(x.dtype, x.size) for x in g] for g in ops.groups]
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    assert sizes == [[(f32, 4), (f32, 5)], [(f32, 3)], [(bf16, 4)]]
+    # Large, complex and empty leaves are reduced on their own.
+    assert [x.size for x in ops.large] == [5000, 2, 0]
+
+
+def test_overflow_rescaling_is_exact_by_powers_of_two():
+    # The rescaled branch scales by a power of two, so the norm of 2**100 * x
+    # (whose float32 squares overflow) is exactly 2**100 times the norm of x
+    # (computed by the fast path), bit for bit.
+    rng = np.random.default_rng(5)
+    x = [rng.normal(size=(3000,)), rng.normal(size=(40,)), rng.normal(size=(7,))]
+    small = [jnp.asarray(v, jnp.float32) for v in x]
+    big = [v * np.float32(2.0**100) for v in small]
+    assert not np.isfinite(float(sum(jnp.sum(v * v) for v in big)))
+    assert float(rgc.global_norm(big)) == float(rgc.global_norm(small)) * 2.0**100
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_small_leaves_are_packed_without_a_float32_concatenation(
+    dtype, monkeypatch
+):
+    # XLA:CPU turns a bfloat16 concatenation into a float32 one (twice the
+    # memory, plus a converted copy of every leaf); packing the bits as
+    # unsigned integers avoids it. Checked on the compiled program, and for
+    # bfloat16 shown to happen with a plain concatenation.
+    from rgclip_optax import _norm
+
+    tree = [jnp.ones((100,), dtype) for _ in range(50)]
+
+    def float32_concatenations():
+        text = jax.jit(lambda t: rgc.global_norm(t)).lower(tree).compile().as_text()
+        return [
+            line
+            for line in text.splitlines()
+            if "= f32[" in line and "concatenate(" in line
+        ]
+
+    assert float32_concatenations() == []
+    if dtype == jnp.bfloat16:
+        monkeypatch.setattr(_norm, "_concatenate", jnp.concatenate)
+        assert float32_concatenations() != []
