@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p: Any, stats: Any, images: jax.Array, labels: jax.Array, weight: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         images = jax.lax.with_sharding_constraint(images, batch_sharded)
-        logits = model.apply(
+        logits: jax.Array = model.apply(  # type: ignore[assignment]
             {"params": p, "batch_stats": stats}, normalize(images), train=False
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

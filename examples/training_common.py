@@ -43,7 +43,8 @@ Defaults = Mapping[str, Mapping[str, float]]
 TORCH_KERNEL_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
+def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+    """An initializer drawing U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:

@@ -82,6 +82,26 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert "bandwidth_70pct: n/a" in table
 
 
+def test_clip_sgd_is_skipped_above_the_leaf_limit(tmp_path):
+    out = tmp_path / "bench"
+    record = step_overhead.main(
+        [
+            "--trees", "small_leaves", "--small-leaves", "3",
+            "--dtypes", "float32",
+            "--samples", "2", "--sample-seconds", "0.001",
+            "--optimizers", "delta_gclip", "clip_sgd", "sgd",
+            "--clip-sgd-max-leaves", "2",
+            "--no-e2e", "--out", str(out),
+        ]
+    )  # fmt: skip
+    r = record["cases"][0]["results"]
+    assert r["clip_sgd"] == {"skipped": "3 leaves > --clip-sgd-max-leaves=2"}
+    assert "ratio_to_clip_sgd" not in r["delta_gclip"]
+    assert r["delta_gclip"]["ratio_to_sgd"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "Not run: clip_sgd on small_leaves/float32 (3 leaves" in table
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -89,6 +109,10 @@ def test_benchmark_runs_and_reports(tmp_path):
         (["--samples", "0"], "--samples must be a positive integer, got 0"),
         (["--small-leaves", "-3"], "--small-leaves must be a positive integer, got -3"),
         (["--trees", "vgg"], "invalid choice: 'vgg'"),
+        (
+            ["--clip-sgd-max-leaves", "0"],
+            "--clip-sgd-max-leaves must be a positive integer, got 0",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(argv, message, capsys):
