@@ -82,20 +82,21 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert "bandwidth_70pct: n/a" in table
 
 
-def test_clip_sgd_is_skipped_above_the_leaf_limit(tmp_path):
+def test_clip_sgd_and_adam_are_skipped_above_the_leaf_limit(tmp_path):
     out = tmp_path / "bench"
     record = step_overhead.main(
         [
             "--trees", "small_leaves", "--small-leaves", "3",
             "--dtypes", "float32",
             "--samples", "2", "--sample-seconds", "0.001",
-            "--optimizers", "delta_gclip", "clip_sgd", "sgd",
-            "--clip-sgd-max-leaves", "2",
+            "--optimizers", "delta_gclip", "clip_sgd", "sgd", "adam",
+            "--peers-max-leaves", "2",
             "--no-e2e", "--out", str(out),
         ]
     )  # fmt: skip
     r = record["cases"][0]["results"]
-    assert r["clip_sgd"] == {"skipped": "3 leaves > --clip-sgd-max-leaves=2"}
+    for name in ("clip_sgd", "adam"):
+        assert r[name] == {"skipped": "3 leaves > --peers-max-leaves=2"}
     assert "ratio_to_clip_sgd" not in r["delta_gclip"]
     assert r["delta_gclip"]["ratio_to_sgd"] > 0
     table = out.with_suffix(".md").read_text()
@@ -110,8 +111,8 @@ def test_clip_sgd_is_skipped_above_the_leaf_limit(tmp_path):
         (["--small-leaves", "-3"], "--small-leaves must be a positive integer, got -3"),
         (["--trees", "vgg"], "invalid choice: 'vgg'"),
         (
-            ["--clip-sgd-max-leaves", "0"],
-            "--clip-sgd-max-leaves must be a positive integer, got 0",
+            ["--peers-max-leaves", "0"],
+            "--peers-max-leaves must be a positive integer, got 0",
         ),
     ],
 )
