@@ -13,10 +13,9 @@ This is the norm that the δ-GClip transformations use. It differs from
   thousands (compile time and kernel launches).
 * If every entry is finite but the float32 sum of squares still overflows
   (entries above ~1e19, the exploding gradients clipping exists for), the norm
-  is recomputed with the entries scaled by the power of two nearest their
-  largest magnitude (exactly, with no rounding). That branch runs under
-  ``lax.cond`` only when the fast sum is not finite, so the normal path costs
-  one read of the gradient and nothing more.
+  is recomputed with the entries divided by their largest magnitude. That
+  branch runs under ``lax.cond`` only when the fast sum is not finite, so the
+  normal path costs one read of the gradient and nothing more.
 * It also reports whether every entry was finite. The flag comes from the same
   sum (a NaN or an infinity makes it non-finite), so skipping bad steps costs
   no extra pass over memory.
@@ -109,22 +108,18 @@ def _leaf_max_abs(x: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.max(x).astype(acc), -jnp.min(x).astype(acc))
 
 
-def _pow2(p: jax.Array) -> jax.Array:
-    """``2.0 ** p`` as float32, exactly, for integers ``p`` in [-126, 127]."""
-    return lax.bitcast_convert_type((p.astype(jnp.int32) + 127) << 23, jnp.float32)
-
-
-def _scaled_sum_of_squares(
-    x: jax.Array, down: tuple[jax.Array, jax.Array]
-) -> jax.Array:
-    """Sum of ``|x * a * b|**2`` for the powers of two ``down = (a, b)``.
-
-    Multiplying by powers of two is exact: the scaled entries carry the same
-    bits of precision as the entries.
-    """
+def _scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
+    # Divide, not multiply by 1/scale: for scale near float32's maximum the
+    # reciprocal is subnormal and XLA may flush it to zero. (Multiplying by
+    # powers of two instead, exact as that is, got the factors broadcast to
+    # each leaf's shape and written out on XLA:CPU: 25 MB for a bfloat16
+    # ResNet-18.)
     acc = _accumulation_dtype(x.dtype)
-    a, b = (f.astype(acc) for f in down)
-    y = x * a * b if jnp.iscomplexobj(x) else x.astype(acc) * a * b
+    y = (
+        x / scale.astype(acc)
+        if jnp.iscomplexobj(x)
+        else x.astype(acc) / scale.astype(acc)
+    )
     return jnp.sum(_abs_squared(y, acc))
 
 
@@ -132,34 +127,34 @@ def _scaled_sum_of_squares(
 RESCALE_CHUNK = 1 << 14
 
 
-def _leaf_scaled_sum_of_squares(
-    x: jax.Array, down: tuple[jax.Array, jax.Array]
-) -> jax.Array:
+def _leaf_scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
     """:func:`_scaled_sum_of_squares` over one leaf, with a bounded temporary.
 
-    For float32 leaves XLA:CPU does not fuse the scaling into the reduction,
+    For float32 leaves XLA:CPU does not fuse the division into the reduction,
     so summing a whole large leaf at once reserves a buffer of the leaf's size
     for this rarely taken branch (12 MB on a ResNet-18 gradient). Large float32
     leaves are summed in chunks read with ``dynamic_slice`` from the flattened
     leaf (a free reshape), so the branch needs one chunk of temporary memory.
+    Narrower leaves are summed at once: in a chunk loop XLA hoists their
+    conversion out of the loop (a float32 copy of the leaf, 45 MB for a
+    bfloat16 ResNet-18, even with a barrier on each chunk). At once, XLA:CPU
+    still writes the divisor out broadcast to the leaf's shape when the tree
+    has several large leaves (12.5 MB there); a known cost of this branch.
     """
     n = x.size
     acc = _accumulation_dtype(x.dtype)
     if n <= RESCALE_CHUNK or x.dtype != acc:
-        # Narrower dtypes fuse their conversion and scaling into the
-        # reduction; a chunk loop would get the conversion hoisted out of it,
-        # i.e. an upcast copy of the leaf.
-        return _scaled_sum_of_squares(x, down)
+        return _scaled_sum_of_squares(x, scale)
     flat = jnp.ravel(x)
     full = n // RESCALE_CHUNK
 
     def body(i: jax.Array, total: jax.Array) -> jax.Array:
         chunk = lax.dynamic_slice(flat, (i * RESCALE_CHUNK,), (RESCALE_CHUNK,))
-        return total + _scaled_sum_of_squares(chunk, down)
+        return total + _scaled_sum_of_squares(chunk, scale)
 
     total = lax.fori_loop(0, full, body, jnp.zeros([], acc))
     if n > full * RESCALE_CHUNK:
-        total = total + _scaled_sum_of_squares(flat[full * RESCALE_CHUNK :], down)
+        total = total + _scaled_sum_of_squares(flat[full * RESCALE_CHUNK :], scale)
     return total
 
 
@@ -283,13 +278,11 @@ def _sum_of_squares(ops: _Operands) -> jax.Array:
     return _sum([leaf_sum_of_squares(x) for x in ops.large] + packed)
 
 
-def _scaled_sum_of_squares_all(
-    ops: _Operands, down: tuple[jax.Array, jax.Array]
-) -> jax.Array:
+def _scaled_sum_of_squares_all(ops: _Operands, scale: jax.Array) -> jax.Array:
     packed = _reduce_groups(
-        ops.groups, lambda v: _leaf_scaled_sum_of_squares(v, down), jnp.add
+        ops.groups, lambda v: _leaf_scaled_sum_of_squares(v, scale), jnp.add
     )
-    return _sum([_leaf_scaled_sum_of_squares(x, down) for x in ops.large] + packed)
+    return _sum([_leaf_scaled_sum_of_squares(x, scale) for x in ops.large] + packed)
 
 
 def _sum(values: Sequence[jax.Array]) -> jax.Array:
@@ -341,20 +334,15 @@ def norms_and_finite(
     def rescaled(total: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Rare path: the float32 sum is inf or NaN. Either some entry is not
         # finite, or the squares overflowed. Find the largest magnitude (NaN if
-        # any entry is NaN) and, if it is finite, amax = m * 2**e with m in
-        # [0.5, 1): sum the squares of x * 2**-e, exactly scaled, and scale
-        # the root back. 2**-e is applied as two factors, each a normal float32
-        # for every finite amax.
+        # any entry is NaN) and, if it is finite, sum the squares of x / max.
         del total
         amax = _maximum([_pmax(_max_abs(ops), ax) for ops, ax in operands])
         finite = jnp.isfinite(amax)
-        _, e = jnp.frexp(jnp.where(finite & (amax > 0), amax, jnp.ones_like(amax)))
-        half = e // 2
-        down = (_pow2(-half), _pow2(half - e))
+        safe = jnp.where(finite & (amax > 0), amax, jnp.ones_like(amax))
         parts = [
-            _psum(_scaled_sum_of_squares_all(ops, down), ax) for ops, ax in operands
+            _psum(_scaled_sum_of_squares_all(ops, safe), ax) for ops, ax in operands
         ]
-        scaled_norm = jnp.sqrt(_sum(parts)) * _pow2(half) * _pow2(e - half)
+        scaled_norm = safe * jnp.sqrt(_sum(parts))
         # Non-finite entries: NaN if any NaN, else +inf.
         bad_norm = jnp.where(jnp.isnan(amax), jnp.nan, jnp.inf).astype(NORM_DTYPE)
         return jnp.where(finite, scaled_norm, bad_norm), finite
