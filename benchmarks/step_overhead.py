@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"error: --platform={args.platform} but JAX runs on {device.platform}"
         )
     torch: Any
-    try:
-        import torch
+    try:  # optional: the PyTorch reference of the authors' step
+        torch = importlib.import_module("torch")
     except ImportError:
         torch = None
     optimizers = [o for o in args.optimizers if o != "torch" or torch is not None]

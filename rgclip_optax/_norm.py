@@ -226,10 +226,11 @@ def _operands(leaves: Sequence[jax.Array]) -> _Operands:
 def _concatenate(flat: Sequence[jax.Array]) -> jax.Array:
     """``jnp.concatenate`` of 1-D leaves, with the bits of narrow floats.
 
-    XLA:CPU has no bfloat16 or float16 concatenation: it converts every leaf
-    to float32, concatenates, and rounds back, so the buffer is twice the size
-    and each leaf gets a converted copy. Moving the same bits as unsigned
-    integers of the same width avoids all of that; the values are unchanged.
+    XLA:CPU has no bfloat16 concatenation: it converts every leaf to float32,
+    concatenates, and rounds back, so the buffer is twice the size and each
+    leaf gets a converted copy. Moving the same bits as unsigned integers of
+    the same width avoids that for every narrow float; the values are
+    unchanged.
     """
     if len(flat) == 1:
         return flat[0]
