@@ -22,9 +22,9 @@ from rgclip_optax import _validation
 from rgclip_optax._norm import (
     NORM_DTYPE,
     AxisName,
+    accumulation_dtype,
     inexact_leaves,
-    norm_groups,
-    norms_and_finite,
+    leaf_norms,
     replicated_flags,
 )
 from rgclip_optax._select import zero_where
@@ -86,14 +86,11 @@ def _scale_leaf(
 ) -> jax.Array:
     """``s * (g + decay)`` computed in float32 (or wider), cast back to g's dtype
     unless ``cast`` is false."""
-    if jnp.iscomplexobj(g):
-        acc = jnp.promote_types(g.dtype, jnp.complex64)
-    else:
-        acc = jnp.promote_types(g.dtype, jnp.float32)
+    real = accumulation_dtype(g.dtype)
+    acc = jnp.result_type(real, jnp.complex64) if jnp.iscomplexobj(g) else real
     y = g.astype(acc)
     if decay is not None:
         y = y + decay.astype(acc)
-    real = jnp.finfo(acc).dtype
     y = y * s.astype(real)
     return y.astype(g.dtype) if cast else y
 
@@ -104,6 +101,14 @@ def _is_static_zero(value: Any) -> bool:
 
 
 NORMS = ("global", "per_tensor")
+
+
+def _per_leaf_tree(treedef: Any, present: list[int], values: jax.Array, n: int) -> Any:
+    """The gradient's tree with ``values[k]`` at the k-th non-None leaf."""
+    leaves: list[Any] = [None] * n
+    for k, i in enumerate(present):
+        leaves[i] = values[k]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _make_scale_by_delta_gclip(
@@ -179,23 +184,13 @@ def _make_scale_by_delta_gclip(
         rep = replicated_flags(replicated, updates)
         present = [i for i, g in enumerate(grads) if g is not None]
 
-        def axes_of(i: int) -> AxisName:
-            return None if rep[i] else axis_name
-
-        if per_tensor:
-            norms: list[Any] = [None] * len(grads)
-            finites = []
-            for i in present:
-                norms[i], fin = norms_and_finite([([grads[i]], axes_of(i))])
-                finites.append(fin)
-            finite = jnp.all(jnp.stack(finites)) if finites else jnp.array(True)
-            scales: list[Any] = [
-                None if n is None else delta_gclip_scale(n, gamma, delta) for n in norms
-            ]
-        else:
-            global_norm, finite = norms_and_finite(norm_groups(grads, rep, axis_name))
-            s = delta_gclip_scale(global_norm, gamma, delta)
-            scales = [s] * len(grads)
+        # One pass over the leaves for both variants: per-tensor keeps one
+        # norm per leaf instead of their total.
+        norm_value, finite = leaf_norms(grads, rep, axis_name, per_leaf=per_tensor)
+        s = delta_gclip_scale(norm_value, gamma, delta)
+        scales: list[Any] = [None] * len(grads)
+        for k, i in enumerate(present):
+            scales[i] = s[k] if per_tensor else s
         skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
 
         if decays:
@@ -210,7 +205,7 @@ def _make_scale_by_delta_gclip(
             if decays:
                 p = ps[i]
                 decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
-                    jnp.promote_types(p.dtype, NORM_DTYPE)
+                    accumulation_dtype(p.dtype)
                 )
             y = _scale_leaf(grads[i], scales[i], decay, cast=not wide_updates)
             if skip_nonfinite is not False:
@@ -218,18 +213,12 @@ def _make_scale_by_delta_gclip(
             out[i] = y
         new_updates = jax.tree_util.tree_unflatten(treedef, out)
 
-        zero = jnp.zeros([], NORM_DTYPE)
+        new_scale = jnp.where(skip, jnp.zeros([], NORM_DTYPE), s)
         if per_tensor:
-            new_norm = jax.tree_util.tree_unflatten(
-                treedef, [None if n is None else n.astype(NORM_DTYPE) for n in norms]
-            )
-            new_scale = jax.tree_util.tree_unflatten(
-                treedef,
-                [None if x is None else jnp.where(skip, zero, x) for x in scales],
-            )
+            new_norm = _per_leaf_tree(treedef, present, norm_value, len(grads))
+            new_scale = _per_leaf_tree(treedef, present, new_scale, len(grads))
         else:
-            new_norm = global_norm.astype(NORM_DTYPE)
-            new_scale = jnp.where(skip, zero, s)
+            new_norm = norm_value
         new_state = DeltaGClipState(
             grad_norm=new_norm,
             scale=new_scale,

@@ -1,57 +1,64 @@
-"""The global L2 norm of a gradient pytree, accumulated in float32.
+"""The L2 norm of a gradient pytree, accumulated in float32, with no branch.
 
-This is the norm that the δ-GClip transformations use. It differs from
-``optax.tree.norm`` in three ways that matter for clipping:
+Each leaf is read once and reduced to two float32 sums of squares:
 
-* Each leaf is converted to (at least) float32 *inside* its reduction, so the
-  sum of squares never overflows in float16 (where ``256**2`` already exceeds
-  the format's range) and never loses bits in bfloat16. XLA fuses the
-  conversion into the reduction: no upcast copy of the gradient is made.
-  Small leaves (biases, norm scales, up to ``SMALL_LEAF_SIZE`` entries) are
-  first concatenated per dtype, in groups of up to ``PACK_GROUP_SIZE``
-  entries, so a tree of thousands of small leaves is a few reductions, not
-  thousands (compile time and kernel launches).
-* If every entry is finite but the float32 sum of squares still overflows
-  (entries above ~1e19, the exploding gradients clipping exists for), the norm
-  is recomputed with the entries divided by their largest magnitude. That
-  branch runs under ``lax.cond`` only when the fast sum is not finite, so the
-  normal path costs one read of the gradient and nothing more.
-* It also reports whether every entry was finite. The flag comes from the same
-  sum (a NaN or an infinity makes it non-finite), so skipping bad steps costs
-  no extra pass over memory.
+* ``plain = sum(|x|**2)``, the usual one;
+* ``scaled = sum(|x * 2**-SCALE_EXPONENT|**2)``, the same sum with every entry
+  first multiplied by a fixed power of two. It cannot overflow for finite
+  entries (float32's largest value becomes about 4e9), and the scaling is
+  exact, so ``sqrt(scaled) * 2**SCALE_EXPONENT`` is the norm whenever the
+  entries are finite.
+
+The norm is ``sqrt(plain)`` where ``plain`` is finite and the rescaled
+``scaled`` otherwise (entries above ~1e19, the exploding gradients clipping
+exists for); a ``where`` picks it, so there is no conditional to sync a GPU's
+host or to gather a sharded gradient. ``scaled`` is finite exactly when every
+entry is, which gives the skip-on-NaN flag from the same read. Both sums go
+through one fused reduction on GPU and TPU; XLA:CPU reads the gradient once
+per sum, so there the second sum runs only when needed (see ``_xla_cpu``).
+
+Global and per-tensor norms share this code: ``per_leaf`` keeps one sum per
+leaf instead of adding them up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+import os
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 AxisName = Hashable | Sequence[Hashable] | None
+# Leaves with the mesh axes their partial sums are added over.
+Group = tuple[Sequence[jax.Array], AxisName]
 
-# The norm, the scale and the flag are float32 scalars whatever the leaves'
-# dtypes (float64 leaves, with x64 enabled, accumulate in float64 first).
+# The norm, the scale and the flag are float32 whatever the leaves' dtypes
+# (float64 leaves, with x64 enabled, accumulate in float64 first).
 NORM_DTYPE = jnp.float32
 
-# Real leaves of at most this many entries are reduced together, concatenated
-# flat per dtype. Reducing each leaf on its own made compile time grow steeply
-# with the leaf count (76 s for 1,000 leaves of 100 on XLA:CPU) and costs one
-# kernel per leaf on GPU. XLA:CPU materializes the concatenation, so the limit
-# is kept small: the copy is of biases and norm scales only.
-SMALL_LEAF_SIZE = 1 << 12
+# Entries are multiplied by 2**-96 in the second sum: float32's largest value
+# becomes ~4.3e9, whose square (1.8e19) leaves room to add up 1.8e19 of them.
+# Entries below ~8.7e9 then square to subnormals, but the scaled sum is used
+# only when the plain one overflowed (norm > 1.8e19), where they weigh < 1e-19
+# each relative to the total.
+SCALE_EXPONENT = 96
+
+# Which implementation lowers: "auto" (XLA:CPU its own, every other platform
+# the portable one, chosen at lowering by lax.platform_dependent), "portable"
+# or "cpu" everywhere. Read at trace time; the tests use it to run the
+# accelerator path on a CPU.
+PATH_ENV = "RGCLIP_OPTAX_NORM_PATH"
+PATHS = ("auto", "portable", "cpu")
 
 
 def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
     """Returns the leaves of ``tree``, raising ``TypeError`` for non-float ones.
 
     ``None`` leaves (masked parameters) are skipped, as everywhere in JAX.
-
-    Args:
-      tree: a pytree of arrays.
-      what: the word used for the tree in the error message.
 
     Raises:
       TypeError: naming the path of the first leaf whose dtype is not a
@@ -74,281 +81,101 @@ def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
     return leaves
 
 
-def _accumulation_dtype(dtype: Any) -> Any:
-    """float32, or float64 for float64/complex128 leaves under x64."""
-    real = jnp.finfo(dtype).dtype
-    return jnp.promote_types(real, jnp.float32)
+def accumulation_dtype(dtype: Any) -> Any:
+    """float32 for every real float up to 32 bits (float8 and float16 too),
+    float64 for float64 and complex128 under x64."""
+    return jnp.float64 if jnp.finfo(dtype).bits == 64 else jnp.float32
 
 
-def _abs_squared(x: jax.Array, acc: Any) -> jax.Array:
-    if jnp.iscomplexobj(x):
-        re = jnp.real(x).astype(acc)
-        im = jnp.imag(x).astype(acc)
-        return re * re + im * im
-    x = x.astype(acc)
-    return x * x
+def leaf_square_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum |x|**2, sum |x * 2**-SCALE_EXPONENT|**2)`` over one leaf,
+    converted to float32 (or float64) inside the reductions."""
+    acc = accumulation_dtype(x.dtype)
+    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    parts = [p.astype(acc) for p in parts]
+    c = jnp.asarray(2.0**-SCALE_EXPONENT, acc)
+    plain = sum(jnp.sum(p * p) for p in parts)
+    small = sum(jnp.sum((p * c) * (p * c)) for p in parts)
+    return jnp.asarray(plain), jnp.asarray(small)
 
 
-def leaf_sum_of_squares(x: jax.Array) -> jax.Array:
-    """Sum of ``|x|**2`` over one leaf, accumulated in float32 (or wider)."""
-    return jnp.sum(_abs_squared(x, _accumulation_dtype(x.dtype)))
-
-
-def _leaf_max_abs(x: jax.Array) -> jax.Array:
-    """Largest magnitude in one leaf; NaN if the leaf holds a NaN."""
-    acc = _accumulation_dtype(x.dtype)
-    if x.size == 0:
-        return jnp.zeros([], acc)
-    if jnp.iscomplexobj(x):
-        return jnp.max(jnp.abs(x)).astype(acc)
-    # max(max(x), -min(x)) reads x with no elementwise op in front of the
-    # reductions, so XLA has no upcast copy of x to share between this and
-    # the rescaled sum (that copy would count in the program's peak memory
-    # even though this branch rarely runs).
-    return jnp.maximum(jnp.max(x).astype(acc), -jnp.min(x).astype(acc))
-
-
-def _scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
-    # Divide, not multiply by 1/scale: for scale near float32's maximum the
-    # reciprocal is subnormal and XLA may flush it to zero. (Multiplying by
-    # powers of two instead, exact as that is, got the factors broadcast to
-    # each leaf's shape and written out on XLA:CPU: 25 MB for a bfloat16
-    # ResNet-18.)
-    acc = _accumulation_dtype(x.dtype)
-    y = (
-        x / scale.astype(acc)
-        if jnp.iscomplexobj(x)
-        else x.astype(acc) / scale.astype(acc)
-    )
-    return jnp.sum(_abs_squared(y, acc))
-
-
-# The rare rescaled sum walks large leaves in chunks of this many entries.
-RESCALE_CHUNK = 1 << 14
-
-
-def _leaf_scaled_sum_of_squares(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """:func:`_scaled_sum_of_squares` over one leaf, with a bounded temporary.
-
-    For float32 leaves XLA:CPU does not fuse the division into the reduction,
-    so summing a whole large leaf at once reserves a buffer of the leaf's size
-    for this rarely taken branch (12 MB on a ResNet-18 gradient). Large float32
-    leaves are summed in chunks read with ``dynamic_slice`` from the flattened
-    leaf (a free reshape), so the branch needs one chunk of temporary memory.
-    Narrower leaves are summed at once: in a chunk loop XLA hoists their
-    conversion out of the loop (a float32 copy of the leaf, 45 MB for a
-    bfloat16 ResNet-18, even with a barrier on each chunk). At once, XLA:CPU
-    still writes the divisor out broadcast to the leaf's shape when the tree
-    has several large leaves (12.5 MB there); a known cost of this branch.
-    """
-    n = x.size
-    acc = _accumulation_dtype(x.dtype)
-    if n <= RESCALE_CHUNK or x.dtype != acc:
-        return _scaled_sum_of_squares(x, scale)
-    flat = jnp.ravel(x)
-    full = n // RESCALE_CHUNK
-
-    def body(i: jax.Array, total: jax.Array) -> jax.Array:
-        chunk = lax.dynamic_slice(flat, (i * RESCALE_CHUNK,), (RESCALE_CHUNK,))
-        return total + _scaled_sum_of_squares(chunk, scale)
-
-    total = lax.fori_loop(0, full, body, jnp.zeros([], acc))
-    if n > full * RESCALE_CHUNK:
-        total = total + _scaled_sum_of_squares(flat[full * RESCALE_CHUNK :], scale)
-    return total
-
-
-def _unshared(leaves: Sequence[jax.Array]) -> list[jax.Array]:
-    """The leaves, with the narrow (float16, bfloat16, ...) ones behind an
-    ``optimization_barrier``.
-
-    The clipped update converts the same gradient leaves to float32 as this
-    norm does. XLA then merges the two identical conversions into one and, as
-    that float32 array has two users, writes it out in full: a leaf-sized
-    float32 copy of the gradient (on XLA:CPU, 200 MB and 4x the step time for
-    a 50M bfloat16 gradient). Reading the leaves through the barrier makes the
-    norm's conversion a different expression, which stays fused into its
-    reduction. The barrier itself moves no data.
-    """
-    leaves = list(leaves)
-    narrow = [
-        i
-        for i, x in enumerate(leaves)
-        if not jnp.iscomplexobj(x)
-        and jnp.dtype(x.dtype) != _accumulation_dtype(x.dtype)
-    ]
-    if narrow:
-        hidden = lax.optimization_barrier([leaves[i] for i in narrow])
-        for i, x in zip(narrow, hidden, strict=True):
-            leaves[i] = x
-    return leaves
-
-
-# Small leaves are concatenated in groups of at most this many entries, reduced
-# one group after the other. That bounds the rarely taken branch's temporaries
-# to one group and lets XLA reuse a group's buffer for a later one. On XLA:CPU,
-# for 1,000 leaves of 100, the step's temporaries are 442 KB in float32 and
-# 270 KB in bfloat16 (optax's clip_by_global_norm + sgd: 448 KB for both);
-# one concatenation per dtype gave 566 KB and about 850 KB.
-PACK_GROUP_SIZE = 1 << 13
-
-
-class _Operands(NamedTuple):
-    """The reduction operands of a list of leaves."""
-
-    large: list[jax.Array]  # reduced one by one (and complex leaves)
-    groups: list[list[jax.Array]]  # small real leaves of one dtype per group
-
-
-def _operands(leaves: Sequence[jax.Array]) -> _Operands:
-    """Splits off the small real leaves, grouped by dtype and size."""
-    large: list[jax.Array] = []
-    small: dict[Any, list[jax.Array]] = {}
-    for x in leaves:
-        if 0 < x.size <= SMALL_LEAF_SIZE and not jnp.iscomplexobj(x):
-            small.setdefault(jnp.dtype(x.dtype), []).append(x)
-        else:
-            large.append(x)
-    groups: list[list[jax.Array]] = []
-    for xs in small.values():
-        group: list[jax.Array] = []
-        size = 0
-        for x in xs:
-            if group and size + x.size > PACK_GROUP_SIZE:
-                groups.append(group)
-                group, size = [], 0
-            group.append(x)
-            size += x.size
-        groups.append(group)
-    return _Operands(large, groups)
-
-
-def _concatenate(flat: Sequence[jax.Array]) -> jax.Array:
-    """``jnp.concatenate`` of 1-D leaves, with the bits of narrow floats.
-
-    XLA:CPU has no bfloat16 concatenation: it converts every leaf to float32,
-    concatenates, and rounds back, so the buffer is twice the size and each
-    leaf gets a converted copy. Moving the same bits as unsigned integers of
-    the same width avoids that for every narrow float; the values are
-    unchanged.
-    """
-    if len(flat) == 1:
-        return flat[0]
-    dtype = jnp.dtype(flat[0].dtype)
-    if dtype.itemsize >= 4:
-        return jnp.concatenate(flat)
-    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
-    joined = jnp.concatenate([lax.bitcast_convert_type(x, bits) for x in flat])
-    return lax.bitcast_convert_type(joined, dtype)
-
-
-def _reduce_groups(
-    groups: Sequence[Sequence[jax.Array]],
-    reduce: Callable[[jax.Array], jax.Array],
-    combine: Callable[[jax.Array, jax.Array], jax.Array],
-) -> list[jax.Array]:
-    """``reduce`` of each group's concatenation, combined into one scalar.
-
-    Each group is concatenated (a copy, on XLA:CPU) and reduced only once the
-    group before it is done: the optimization barrier ties the group's leaves
-    to the running result, so XLA can reuse one concatenation's buffer for
-    the next. Returns ``[]`` for no groups, else ``[result]``.
-    """
-    acc = None
-    for group in groups:
-        if acc is not None:
-            group, acc = lax.optimization_barrier((list(group), acc))
-        flat = [jnp.ravel(x) for x in group]
-        value = reduce(_concatenate(flat))
-        value = value.astype(NORM_DTYPE)
-        acc = value if acc is None else combine(acc, value)
-    return [] if acc is None else [acc]
-
-
-def _max_abs(ops: _Operands) -> jax.Array:
-    """Largest magnitude over the operands; NaN if one holds a NaN."""
-    # A concatenation is a fresh buffer already, so |x| costs no extra copy;
-    # max(max(v), -min(v)) on a concatenation of many leaves compiled for
-    # minutes on XLA:CPU.
-    packed = _reduce_groups(ops.groups, lambda v: jnp.max(jnp.abs(v)), jnp.maximum)
-    return _maximum([_leaf_max_abs(x) for x in ops.large] + packed)
-
-
-def _sum_of_squares(ops: _Operands) -> jax.Array:
-    packed = _reduce_groups(ops.groups, leaf_sum_of_squares, jnp.add)
-    return _sum([leaf_sum_of_squares(x) for x in ops.large] + packed)
-
-
-def _scaled_sum_of_squares_all(ops: _Operands, scale: jax.Array) -> jax.Array:
-    packed = _reduce_groups(
-        ops.groups, lambda v: _leaf_scaled_sum_of_squares(v, scale), jnp.add
-    )
-    return _sum([_leaf_scaled_sum_of_squares(x, scale) for x in ops.large] + packed)
-
-
-def _sum(values: Sequence[jax.Array]) -> jax.Array:
-    # One reduction over the stacked scalars, not a chain of n additions.
+def stack(values: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
+    """The float32 sums as one vector (``per_leaf``) or their total."""
     if not values:
-        return jnp.zeros([], NORM_DTYPE)
-    return jnp.sum(jnp.stack([v.astype(NORM_DTYPE) for v in values]))
+        return jnp.zeros([0] if per_leaf else [], NORM_DTYPE)
+    v = jnp.stack([jnp.asarray(x).astype(NORM_DTYPE) for x in values])
+    return v if per_leaf else jnp.sum(v)
 
 
-def _maximum(values: Sequence[jax.Array]) -> jax.Array:
-    # NaN-propagating, as jnp.max is; the values are magnitudes (>= 0).
-    if not values:
-        return jnp.zeros([], NORM_DTYPE)
-    return jnp.max(jnp.stack([v.astype(NORM_DTYPE) for v in values]))
-
-
-def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
-def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    return x if axis_name is None else lax.pmax(x, axis_name)
-
-
-def norms_and_finite(
-    groups: Sequence[tuple[Sequence[jax.Array], AxisName]],
+def _portable_sums(
+    groups: Sequence[Group], per_leaf: bool
 ) -> tuple[jax.Array, jax.Array]:
-    """The norm over several groups of leaves, and whether all are finite.
+    """Both sums in one read, one psum per group: the accelerator path."""
+    plains, scaleds = [], []
+    for leaves, axis_name in groups:
+        pairs = [leaf_square_sums(x) for x in leaves]
+        both = jnp.stack([stack([p for p, _ in pairs], per_leaf),
+                          stack([s for _, s in pairs], per_leaf)])  # fmt: skip
+        both = psum(both, axis_name)
+        plains.append(both[0])
+        scaleds.append(both[1])
+    return _join(plains, per_leaf), _join(scaleds, per_leaf)
 
-    Each group is a list of leaves with the mesh axes its partial sums are
-    summed over (``None``: the group is counted as it is, e.g. replicated
-    leaves). The result is ``sqrt(sum_g psum_g(sum_{x in g} |x|^2))``.
 
-    Returns:
-      ``(norm, all_finite)``: a float32 scalar and a bool scalar. ``norm`` is
-      ``inf`` where it exceeds float32's range (all entries still finite), NaN
-      if an entry is NaN, ``inf`` if an entry is infinite.
+def _join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
+    return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([]))
+
+
+def square_sums(
+    groups: Sequence[Group], *, per_leaf: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``(plain, scaled)``: float32 sums of squares over the groups' leaves.
+
+    Each group's partial sums are added over its mesh axes. ``per_leaf``
+    gives vectors with one entry per leaf, in the groups' order; otherwise
+    scalars. On XLA:CPU, ``scaled`` is exact only where ``plain`` is not
+    finite (it is not needed elsewhere).
     """
+    from rgclip_optax import _xla_cpu  # the CPU path builds on this module
 
-    operands = [(_operands(_unshared(leaves)), ax) for leaves, ax in groups]
-    total = _sum([_psum(_sum_of_squares(ops), ax) for ops, ax in operands])
+    path = os.environ.get(PATH_ENV, "auto")
+    if path not in PATHS:
+        raise ValueError(f"{PATH_ENV} must be one of {PATHS}, got {path!r}.")
+    flat = [list(leaves) for leaves, _ in groups]
+    axes = [ax for _, ax in groups]
 
-    def fast(total: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # isfinite(total) is True here; deriving it from total (rather than a
-        # constant) gives it total's device-variance type under shard_map, as
-        # the other branch's flag has.
-        return jnp.sqrt(total), jnp.isfinite(total)
+    def portable(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
+        return _portable_sums(list(zip(flat, axes, strict=True)), per_leaf)
 
-    def rescaled(total: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # Rare path: the float32 sum is inf or NaN. Either some entry is not
-        # finite, or the squares overflowed. Find the largest magnitude (NaN if
-        # any entry is NaN) and, if it is finite, sum the squares of x / max.
-        del total
-        amax = _maximum([_pmax(_max_abs(ops), ax) for ops, ax in operands])
-        finite = jnp.isfinite(amax)
-        safe = jnp.where(finite & (amax > 0), amax, jnp.ones_like(amax))
-        parts = [
-            _psum(_scaled_sum_of_squares_all(ops, safe), ax) for ops, ax in operands
-        ]
-        scaled_norm = safe * jnp.sqrt(_sum(parts))
-        # Non-finite entries: NaN if any NaN, else +inf.
-        bad_norm = jnp.where(jnp.isnan(amax), jnp.nan, jnp.inf).astype(NORM_DTYPE)
-        return jnp.where(finite, scaled_norm, bad_norm), finite
+    def cpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
+        return _xla_cpu.square_sums(list(zip(flat, axes, strict=True)), per_leaf)
 
-    return lax.cond(jnp.isfinite(total), fast, rescaled, total)
+    if path == "portable":
+        return portable(flat)
+    if path == "cpu":
+        return cpu(flat)
+    return lax.platform_dependent(flat, cpu=cpu, default=portable)
+
+
+def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(norm, all_finite)`` from the two sums, elementwise.
+
+    ``norm`` is ``inf`` where it exceeds float32's range (entries still
+    finite), NaN if an entry is NaN and ``inf`` if an entry is infinite.
+    """
+    finite_sum = jnp.isfinite(plain)
+    # The branch not taken gets a harmless operand, so that its derivative
+    # (sqrt at an underflowed 0) cannot turn the gradient into NaN.
+    one = jnp.ones_like(scaled)
+    rescaled = jnp.sqrt(jnp.where(finite_sum, one, scaled)) * jnp.asarray(
+        2.0**SCALE_EXPONENT, NORM_DTYPE
+    )
+    norm = jnp.where(finite_sum, jnp.sqrt(plain), rescaled)
+    return norm, finite_sum | jnp.isfinite(scaled)
 
 
 def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
@@ -371,15 +198,34 @@ def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
     return [bool(f) if f is not None else False for f in flags]
 
 
-def norm_groups(
-    leaves: Sequence[Any], flags: Sequence[bool], axis_name: AxisName
-) -> list[tuple[list[jax.Array], AxisName]]:
-    """Groups for :func:`norms_and_finite`: shards summed over ``axis_name``,
-    replicated leaves counted once. ``None`` leaves are dropped."""
-    pairs = list(zip(leaves, flags, strict=True))
-    sharded = [x for x, f in pairs if x is not None and not f]
-    copies = [x for x, f in pairs if x is not None and f]
-    return [(sharded, axis_name), (copies, None)]
+def leaf_norms(
+    leaves: Sequence[Any],
+    flags: Sequence[bool],
+    axis_name: AxisName,
+    *,
+    per_leaf: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """``(norm, all_finite)`` of the non-``None`` leaves.
+
+    Leaves flagged replicated are counted once; the others are shards whose
+    sums are added over ``axis_name``. ``per_leaf``: ``norm`` is a vector with
+    one norm per non-``None`` leaf, in order; otherwise the global norm.
+    """
+    present = [i for i, x in enumerate(leaves) if x is not None]
+    sharded = [i for i in present if not flags[i]]
+    copies = [i for i in present if flags[i]]
+    groups = [
+        ([leaves[i] for i in sharded], axis_name),
+        ([leaves[i] for i in copies], None),
+    ]
+    plain, scaled = square_sums(groups, per_leaf=per_leaf)
+    norm, finite = norm_from_sums(plain, scaled)
+    if per_leaf:
+        order = sharded + copies  # back to the leaves' order
+        if order != sorted(order):
+            norm = norm[np.argsort(order)]
+        finite = jnp.all(finite)
+    return norm, finite
 
 
 def global_norm(
@@ -391,18 +237,21 @@ def global_norm(
 
       \\|g\\| = \\sqrt{\\textstyle\\sum_{\\text{leaves } x} \\sum_i |x_i|^2}
 
-    The squares are accumulated in float32 whatever the leaves' dtype (float16
-    and bfloat16 included), with no upcast copy of the leaves, and a finite
-    gradient whose float32 sum of squares would overflow is rescaled so its norm
-    stays right. ``None`` leaves are ignored; an empty tree has norm 0.
+    The squares are accumulated in float32 whatever the leaves' dtype (float8,
+    float16 and bfloat16 included), with no upcast copy of the leaves, and a
+    finite gradient whose float32 sum of squares would overflow is rescaled
+    so its norm stays right. There is no conditional: the program is the same
+    for every gradient, on every backend. ``None`` leaves are ignored; an
+    empty tree has norm 0. Works under ``jit`` with any sharding (Auto or
+    Explicit mesh axes), ``vmap`` (per-example norms) and ``grad``.
 
     Args:
       tree: a pytree of floating-point (or complex) arrays.
       axis_name: inside ``shard_map`` or ``pmap``, the mesh axis name (or tuple
         of names) over which the leaves are sharded. The float32 partial sums of
-        squares are added across those devices with a single scalar ``psum``,
-        so the result is the norm of the whole, unsharded tree. Leave it
-        ``None`` under plain ``jax.jit`` (with any sharding: XLA inserts the
+        squares are added across those devices with a single ``psum``, so the
+        result is the norm of the whole, unsharded tree. Leave it ``None``
+        under plain ``jax.jit`` (with any sharding: XLA inserts the
         reduction) and for gradients already averaged with ``pmean``.
       replicated: with ``axis_name``, the leaves that every device of the axis
         holds in full (e.g. the gradient of a replicated parameter, which
@@ -430,5 +279,5 @@ def global_norm(
     inexact_leaves(tree)
     leaves = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0]
     flags = replicated_flags(replicated, tree)
-    norm, _ = norms_and_finite(norm_groups(leaves, flags, axis_name))
+    norm, _ = leaf_norms(leaves, flags, axis_name)
     return norm

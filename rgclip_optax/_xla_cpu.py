@@ -1,0 +1,210 @@
+"""The norm's sums of squares as XLA:CPU wants them.
+
+``_norm`` lowers this instead of its portable sums only when the program is
+compiled for CPU (``lax.platform_dependent``), so none of it reaches a GPU or
+TPU program. The values are the same; three things differ, each measured on a
+2-core x86-64 machine with jax and jaxlib 0.10.2:
+
+1. **The scaled sum only when needed.** XLA:CPU does not fuse two reductions
+   of one array into one loop, so the portable path reads the gradient twice
+   (2.25x ``optax.sgd``'s step on a ResNet-18 tree). Here the plain sums come
+   first and the scaled sums run under ``lax.cond`` only if their total is
+   not finite; on CPU a conditional is an ordinary host branch.
+2. **Small leaves packed.** Compile time grew steeply with the number of
+   reductions (76 s for 1,000 leaves of 100 entries; Optax's
+   ``clip_by_global_norm`` of 10,000 leaves did not compile in 20 minutes).
+   Real leaves of at most ``SMALL_LEAF_SIZE`` entries are concatenated per
+   dtype, in groups of at most ``PACK_GROUP_SIZE`` entries, and each group is
+   reduced at once. Narrow floats are concatenated as unsigned bits: XLA:CPU
+   turns a bfloat16 concatenation into a float32 one, with a converted copy of
+   every leaf. Only trees of at least ``PACK_MIN_LEAVES`` small leaves are
+   packed, and leaves sharded over explicit mesh axes never are
+   (``jnp.ravel`` of them is a sharding error, and would gather them).
+3. **Narrow leaves behind an optimization barrier.** The clipped update
+   converts the same bfloat16/float16 leaves to float32 as the norm does;
+   XLA:CPU merged the two conversions and wrote a float32 copy of the whole
+   gradient (200 MB and 4x the step time for 50M bfloat16 entries). Reading
+   the leaves through ``lax.optimization_barrier`` keeps the norm's
+   conversion inside its reduction; the barrier moves no data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rgclip_optax._norm import (
+    SCALE_EXPONENT,
+    Group,
+    accumulation_dtype,
+    psum,
+    stack,
+)
+
+SMALL_LEAF_SIZE = 1 << 12
+# Packing starts at this many small leaves. Below it, the reductions compile
+# in seconds (as Optax's do). The cap keeps packing off ordinary models under
+# jit with Auto-mode shardings, whose leaves' shardings are unknown while
+# tracing: concatenating an FSDP-sharded bias gathers it onto every device
+# (82 all-gathers in a ResNet-18 step, 41 small leaves).
+PACK_MIN_LEAVES = 256
+# Groups bound the packed copies' memory and let XLA reuse one group's buffer
+# for the next (1,000 leaves of 100: step temporaries 442 KB in float32 and
+# 270 KB in bfloat16, against 566 and ~850 KB for one group per dtype).
+PACK_GROUP_SIZE = 1 << 13
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type names mesh axes (an Explicit-mode sharding)."""
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except AttributeError:  # no sharding in the type (older jax, tracers)
+        return False
+    return any(axis is not None for axis in spec)
+
+
+def pack_plan(leaves: Sequence[jax.Array]) -> tuple[list[int], list[list[int]]]:
+    """``(alone, groups)``: indices of the leaves reduced on their own, and
+    of the small real leaves packed together, grouped by dtype and size."""
+    alone: list[int] = []
+    by_dtype: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        packable = (
+            0 < x.size <= SMALL_LEAF_SIZE
+            and not jnp.iscomplexobj(x)
+            and not _explicitly_sharded(x)
+        )
+        if packable:
+            by_dtype.setdefault(jnp.dtype(x.dtype), []).append(i)
+        else:
+            alone.append(i)
+    if sum(len(idx) for idx in by_dtype.values()) < PACK_MIN_LEAVES:
+        return list(range(len(leaves))), []
+    groups: list[list[int]] = []
+    for idx in by_dtype.values():
+        group: list[int] = []
+        size = 0
+        for i in idx:
+            if group and size + leaves[i].size > PACK_GROUP_SIZE:
+                groups.append(group)
+                group, size = [], 0
+            group.append(i)
+            size += leaves[i].size
+        groups.append(group)
+    return alone, groups
+
+
+def concatenate(flat: Sequence[jax.Array]) -> jax.Array:
+    """``jnp.concatenate`` of 1-D leaves, moving narrow floats as their bits."""
+    if len(flat) == 1:
+        return flat[0]
+    dtype = jnp.dtype(flat[0].dtype)
+    if dtype.itemsize >= 4:
+        return jnp.concatenate(flat)
+    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
+    joined = jnp.concatenate([lax.bitcast_convert_type(x, bits) for x in flat])
+    return lax.bitcast_convert_type(joined, dtype)
+
+
+def _reduce(v: jax.Array, scaled: bool, sizes: Sequence[int] | None) -> jax.Array:
+    """Sum of ``|v|**2`` (``sizes``: one sum per consecutive run of entries).
+
+    ``scaled``: accumulated in float64 (where squares can overflow float32)
+    and multiplied by ``2**(-2 * SCALE_EXPONENT)``. No float32 entry's square
+    overflows float64, so this is the portable path's scaled sum to float32
+    rounding. XLA:CPU fuses the float64 conversion into the reduction (8 bytes
+    of temporaries for a 50M-entry leaf), where it wrote ``v * 2**-96`` (or
+    ``v / max|v|``) out in full before reducing it: a leaf-sized buffer
+    reserved every step.
+    """
+    # Squares of float16 and float8 entries cannot overflow float32; their
+    # scaled sum needs no float64 (and XLA:CPU, which upcasts float16 reductions
+    # through a float32 copy, would make a float64 copy instead).
+    largest = float(jnp.finfo(v.dtype).max)
+    wide = scaled and largest * largest * max(v.size, 1) > 1e38
+    with jax.enable_x64(wide):
+        acc = jnp.float64 if wide else accumulation_dtype(v.dtype)
+        parts = [jnp.real(v), jnp.imag(v)] if jnp.iscomplexobj(v) else [v]
+        sq = sum(jnp.square(p.astype(acc)) for p in parts)
+        if sizes is None:
+            total = jnp.sum(sq)
+        else:
+            ids = np.repeat(np.arange(len(sizes)), sizes)
+            total = jax.ops.segment_sum(sq, ids, len(sizes), indices_are_sorted=True)
+        if scaled:
+            c = jnp.asarray(2.0**-SCALE_EXPONENT, total.dtype)
+            total = (total * c * c).astype(jnp.float32)
+        return total
+
+
+def _sums(leaves: Sequence[jax.Array], scaled: bool, per_leaf: bool) -> jax.Array:
+    """Plain or scaled sums of squares, packing the small leaves."""
+    alone, groups = pack_plan(leaves)
+    values: list[Any] = [None] * len(leaves)
+    for i in alone:
+        values[i] = _reduce(leaves[i], scaled, None)
+    totals = []
+    prev = None
+    for idx in groups:
+        group = [leaves[i] for i in idx]
+        if prev is not None:
+            # Reduce one group after the other, so XLA can reuse the buffer.
+            group, prev = lax.optimization_barrier((group, prev))
+        v = concatenate([jnp.ravel(x) for x in group])
+        prev = _reduce(v, scaled, [x.size for x in group] if per_leaf else None)
+        if per_leaf:
+            for k, i in enumerate(idx):
+                values[i] = prev[k]
+        else:
+            totals.append(prev)
+    if per_leaf:
+        return stack(values, per_leaf=True)
+    return stack([values[i] for i in alone] + totals, per_leaf=False)
+
+
+def unshared(leaves: Sequence[jax.Array]) -> list[jax.Array]:
+    """The leaves, the narrow real ones read through an optimization barrier."""
+    leaves = list(leaves)
+    narrow = [
+        i
+        for i, x in enumerate(leaves)
+        if not jnp.iscomplexobj(x) and jnp.finfo(x.dtype).bits < 32
+    ]
+    if narrow:
+        hidden = lax.optimization_barrier([leaves[i] for i in narrow])
+        for i, x in zip(narrow, hidden, strict=True):
+            leaves[i] = x
+    return leaves
+
+
+def _join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
+    if per_leaf:
+        return jnp.concatenate(parts)
+    return sum(parts[1:], parts[0])
+
+
+def square_sums(groups: Sequence[Group], per_leaf: bool) -> tuple[jax.Array, jax.Array]:
+    """``_norm.square_sums`` for XLA:CPU: the scaled sums are exact only where
+    the plain ones are not finite."""
+    groups = [(unshared(leaves), ax) for leaves, ax in groups]
+
+    def sums(scaled: bool) -> jax.Array:
+        parts = [psum(_sums(xs, scaled, per_leaf), ax) for xs, ax in groups]
+        return _join(parts, per_leaf)
+
+    plain = sums(scaled=False)
+
+    def fast(plain: jax.Array) -> jax.Array:
+        return plain  # finite: the scaled sums are not read
+
+    def rare(plain: jax.Array) -> jax.Array:
+        del plain
+        return sums(scaled=True)
+
+    scaled = lax.cond(jnp.all(jnp.isfinite(plain)), fast, rare, plain)
+    return plain, scaled

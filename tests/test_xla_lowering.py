@@ -1,0 +1,238 @@
+"""What the step compiles to: tests that pin XLA's behaviour.
+
+They read the compiled program (HLO text, ``memory_analysis``) or switch off
+one of the XLA:CPU workarounds in ``rgclip_optax/_xla_cpu.py`` to show that it
+is still needed, so a new jax/jaxlib release may move them: each names what
+it guards against. Measured with jax and jaxlib 0.10.2.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import rgclip_optax as rgc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _temp_bytes(fn, x):
+    mem = jax.jit(fn).lower(x).compile().memory_analysis()
+    assert mem is not None
+    return mem.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_no_upcast_copy_of_the_gradient_is_materialized(dtype):
+    # The float32 conversion is fused into the reduction (and into the rare
+    # rescaling branch): no temporary buffer near the size of an f32 copy.
+    g = jnp.ones((1024, 1024), dtype)
+    assert _temp_bytes(rgc.global_norm, g) < g.size
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rescaled_sum_on_cpu_reserves_no_leaf_sized_buffer(dtype):
+    # Several large leaves (as in a CNN): the rarely taken rescaled sum must
+    # not reserve a temporary of a leaf's size. Summing x * 2**-96 in float32
+    # did (XLA:CPU wrote the product out before reducing it: 12 MB for a
+    # ResNet-18); the float64 accumulation fuses.
+    tree = [jnp.ones((3, 3, 256, 256), dtype) for _ in range(4)]  # 2.4 MB each
+    leaf_bytes = tree[0].size * 4
+    assert _temp_bytes(lambda t: rgc.global_norm(t), tree) < leaf_bytes // 4
+
+
+def test_float16_on_cpu_uses_no_more_memory_than_optax():
+    # XLA:CPU has no float16 arithmetic and upcasts any float16 reduction,
+    # optax's included; we must not add a second copy on top of that.
+    g = jnp.ones((1024, 1024), jnp.float16)
+    assert _temp_bytes(rgc.global_norm, g) <= _temp_bytes(optax.tree.norm, g) + 1024
+
+
+def test_leaves_are_grouped_by_dtype_within_the_group_size(monkeypatch):
+    from rgclip_optax import _xla_cpu
+
+    monkeypatch.setattr(_xla_cpu, "PACK_GROUP_SIZE", 10)
+    leaves = [jnp.ones(4), jnp.ones(4, jnp.bfloat16), jnp.ones(5), jnp.ones(3)]
+    leaves += [jnp.ones(5000), jnp.ones(2, jnp.complex64), jnp.ones(0)]
+    # Fewer small leaves than PACK_MIN_LEAVES: nothing is packed.
+    assert _xla_cpu.pack_plan(leaves) == (list(range(7)), [])
+    monkeypatch.setattr(_xla_cpu, "PACK_MIN_LEAVES", 4)
+    alone, groups = _xla_cpu.pack_plan(leaves)
+    sizes = [[(leaves[i].dtype, leaves[i].size) for i in g] for g in groups]
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    assert sizes == [[(f32, 4), (f32, 5)], [(f32, 3)], [(bf16, 4)]]
+    # Large, complex and empty leaves are reduced on their own.
+    assert [leaves[i].size for i in alone] == [5000, 2, 0]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_small_leaves_are_packed_without_a_float32_concatenation(
+    dtype, monkeypatch
+):
+    # XLA:CPU turns a bfloat16 concatenation into a float32 one (twice the
+    # memory, plus a converted copy of every leaf); packing the bits as
+    # unsigned integers avoids it. Checked on the compiled program, and for
+    # bfloat16 shown to happen with a plain concatenation.
+    from rgclip_optax import _xla_cpu
+
+    monkeypatch.setattr(_xla_cpu, "PACK_MIN_LEAVES", 1)
+    tree = [jnp.ones((100,), dtype) for _ in range(50)]
+
+    def float32_concatenations():
+        text = jax.jit(lambda t: rgc.global_norm(t)).lower(tree).compile().as_text()
+        return [
+            line
+            for line in text.splitlines()
+            if "= f32[" in line and "concatenate(" in line
+        ]
+
+    assert float32_concatenations() == []
+    if dtype == jnp.bfloat16:
+        monkeypatch.setattr(_xla_cpu, "concatenate", jnp.concatenate)
+        assert float32_concatenations() != []
+
+
+def test_bfloat16_step_materializes_no_float32_copy_of_the_gradient(monkeypatch):
+    # The norm and the update both convert the gradient to float32. Unless the
+    # norm reads it through an optimization barrier, XLA merges the two
+    # conversions and writes out a float32 copy of the gradient (4x slower on
+    # XLA:CPU). Fresh lambdas, so jit traces again after the monkeypatch.
+    from rgclip_optax import _xla_cpu
+
+    params = jnp.ones((1024, 1024), jnp.bfloat16)
+    grads = jnp.full((1024, 1024), 0.5, jnp.bfloat16)
+    tx = rgc.delta_gclip(0.1, 1.0, 0.01)
+    state = tx.init(params)
+
+    def temp_bytes(step):
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        mem = jitted.lower(params, state, grads).compile().memory_analysis()
+        assert mem is not None
+        return mem.temp_size_in_bytes
+
+    def make_step():
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return step
+
+    f32_copy = grads.size * 4
+    assert temp_bytes(make_step()) < f32_copy // 16
+    monkeypatch.setattr(_xla_cpu, "unshared", list)
+    assert temp_bytes(make_step()) >= f32_copy
+
+
+def _hlo(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def _ops(text, op):
+    return len(re.findall(r"\s" + op + r"\(", text))
+
+
+@pytest.mark.parametrize("norm", ["global", "per_tensor"])
+def test_portable_path_compiles_to_no_conditional_or_loop(norm, monkeypatch):
+    # What GPUs and TPUs lower: a conditional or loop there syncs the host
+    # (XLA:GPU) or is charged as if its rare branch ran (TPU cost model).
+    from rgclip_optax import _norm
+
+    monkeypatch.setenv(_norm.PATH_ENV, "portable")
+    tree = [jnp.ones((300, 300)), jnp.ones(7), jnp.ones((3, 3), jnp.bfloat16)]
+    tx = rgc.delta_gclip(0.1, 1.0, 0.01, momentum=0.9, norm=norm)
+    text = _hlo(lambda g, s: tx.update(g, s, g), tree, tx.init(tree))
+    assert _ops(text, "conditional") == 0 and _ops(text, "while") == 0
+
+
+def test_auto_path_lowers_one_implementation_only():
+    # lax.platform_dependent resolves at lowering: the CPU program has the
+    # CPU path's single conditional and nothing of a platform switch.
+    text = _hlo(lambda t: rgc.global_norm(t), [jnp.ones(10), jnp.ones(3)])
+    assert _ops(text, "conditional") == 1
+
+
+def test_per_tensor_norms_need_no_per_leaf_control_flow():
+    # 500 small leaves: one conditional on the CPU path for all of them (it
+    # was one per leaf, and the step took 87 s to compile).
+    tree = [jnp.ones(100) for _ in range(500)]
+    tx = rgc.scale_by_delta_gclip(1.0, 0.1, norm="per_tensor")
+    text = _hlo(lambda g, s: tx.update(g, s), tree, tx.init(tree))
+    assert _ops(text, "conditional") == 1
+
+
+def test_fsdp_step_on_8_cpu_devices_meets_the_compiled_program_targets(tmp_path):
+    # benchmarks/compiled_programs.py on 8 simulated CPU devices: against
+    # clip+sgd, no more all-gathers and temporaries within one per-device
+    # leaf, for ResNet-18 in both dtypes and layouts; GPT-2 small in float32.
+    out = tmp_path / "cpu"
+    runs = [
+        ["--trees", "resnet18"],
+        ["--trees", "transformer", "--dtypes", "float32", "--layouts", "fsdp",
+         "--optimizers", "clip_sgd", "delta_gclip", "delta_gclip_per_tensor"],
+    ]  # fmt: skip
+    for extra in runs:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.pop("XLA_FLAGS", None)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "compiled_programs.py"),
+             "--target", "cpu", "--out", str(out), *extra],
+            capture_output=True, text=True, env=env, timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        import json
+
+        record = json.loads(out.with_suffix(".json").read_text())
+        rows = record["rows"]
+        assert rows and all(r["device"] == "cpu x8" for r in rows)
+        checks = [
+            c for c in record["checks"] if "momentum" not in c["optimizer"]
+        ]  # momentum: a known excess, see the issue tracker and README
+        assert checks and all(not c["failed"] for c in checks), checks
+        fsdp = [r for r in rows if r["layout"] == "fsdp"]
+        assert fsdp and all(r["all_gathers"] == 0 for r in fsdp)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RGCLIP_TPU_PYTHON"),
+    reason="set RGCLIP_TPU_PYTHON to a Python with jax[tpu] (.ci/run does)",
+)
+def test_tpu_program_has_no_conditional_and_no_extra_traffic(tmp_path):
+    # The step compiled for a TPU v5e 2x2 without a TPU (libtpu from PyPI):
+    # the portable path, no conditional or loop, no more collectives than
+    # clip+sgd, and at most 1.03x its bytes in XLA's cost model.
+    import json
+
+    out = tmp_path / "tpu"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RGCLIP_OPTAX_NORM_PATH", None)
+    proc = subprocess.run(
+        [os.environ["RGCLIP_TPU_PYTHON"],
+         str(ROOT / "benchmarks" / "compiled_programs.py"), "--target", "tpu",
+         "--topologies", "v5e:2x2", "--trees", "resnet18", "--dtypes", "float32",
+         "--optimizers", "sgd", "clip_sgd", "delta_gclip", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["layout"], r["optimizer"]): r for r in record["rows"]}
+    assert len(rows) == 6
+    for layout in ("replicated", "fsdp"):
+        ours, peer = rows[layout, "delta_gclip"], rows[layout, "clip_sgd"]
+        assert ours["conditionals"] == 0 and ours["whiles"] == 0
+        assert ours["all_gathers"] <= peer["all_gathers"]
+        assert ours["all_reduces"] <= peer["all_reduces"]
+        assert ours["bytes_accessed"] <= 1.03 * peer["bytes_accessed"]
+    # Temporaries: met replicated; under FSDP they are above the target
+    # (12.7 MB against clip+sgd's 5.4 MB + one 2.4 MB leaf), an open item.
+    rep = rows["replicated", "delta_gclip"]
+    assert (
+        rep["temp_bytes"]
+        <= rows["replicated", "clip_sgd"]["temp_bytes"]
+        + (rep["largest_leaf_bytes_per_device"])
+    )
