@@ -243,6 +243,83 @@ def case_pmap_axis_name():
     )
 
 
+def case_explicit_sharding():
+    # jax.make_mesh as a user writes it: in jax 0.10 its axes are Explicit, so
+    # shardings are part of the types. Leaves sharded along any axis.
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((4, 2), ("x", "y"))
+    if mesh.axis_types != (AxisType.Explicit, AxisType.Explicit):
+        mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    rng = np.random.default_rng(2)
+    specs = {
+        "last": P(None, "x"),
+        "first": P("x", None),
+        "both": P("y", "x"),
+        "vec": P("x"),
+        "rep": P(),
+        "bf16": P(None, "y"),
+    }
+    host = {
+        "last": rng.normal(size=(6, 8)) * 20,
+        "first": rng.normal(size=(8, 3)) * 20,
+        "both": rng.normal(size=(4, 8)) * 20,
+        "vec": rng.normal(size=(16,)) * 20,
+        "rep": rng.normal(size=(5,)) * 20,
+        "bf16": rng.normal(size=(3, 4)) * 20,
+    }
+    host = {
+        k: jnp.asarray(v, jnp.bfloat16 if k == "bf16" else jnp.float32)
+        for k, v in host.items()
+    }
+    shard = {k: NamedSharding(mesh, sp) for k, sp in specs.items()}
+    params = jax.device_put(host, shard)
+    grads = jax.device_put(jax.tree.map(lambda a: a * 3 + 1, host), shard)
+    with jax.set_mesh(mesh):
+        expected = np.sqrt(
+            sum(
+                float(np.sum(np.asarray(g, np.float64) ** 2))
+                for g in jax.tree.leaves(jax.tree.map(lambda a: a * 3 + 1, host))
+            )
+        )
+        for path in ("cpu", "portable"):
+            os.environ["RGCLIP_OPTAX_NORM_PATH"] = path
+            got = jax.jit(lambda t: rgc.global_norm(t))(grads)
+            np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+            for kw in ({"momentum": 0.9}, {"norm": "per_tensor"}):
+                tx = rgc.delta_gclip(0.1, 1.0, 0.05, **kw)
+                state = tx.init(params)
+                types0 = [jax.typeof(a).sharding for a in jax.tree.leaves(state)]
+
+                @jax.jit
+                def step(p, s, g, tx=tx):
+                    u, s = tx.update(g, s, p)
+                    return optax.apply_updates(p, u), s
+
+                p, s = params, state
+                for _ in range(2):
+                    p, s = step(p, s, grads)
+                    types = [jax.typeof(a).sharding for a in jax.tree.leaves(s)]
+                    assert types == types0, (types, types0)
+                for k in specs:
+                    assert p[k].sharding.is_equivalent_to(shard[k], p[k].ndim), k
+                # The same two steps on one device, unsharded.
+                ref_p, ref_s = host, tx.init(host)
+                for _ in range(2):
+                    u, ref_s = tx.update(
+                        jax.tree.map(lambda a: a * 3 + 1, host), ref_s, ref_p
+                    )
+                    ref_p = optax.apply_updates(ref_p, u)
+                for k in specs:
+                    np.testing.assert_allclose(
+                        np.asarray(p[k], np.float32),
+                        np.asarray(ref_p[k], np.float32),
+                        rtol=1e-2 if k == "bf16" else 1e-6,
+                        atol=1e-6,
+                    )
+        os.environ.pop("RGCLIP_OPTAX_NORM_PATH")
+
+
 if __name__ == "__main__":
     globals()["case_" + sys.argv[1]]()
     print("ok", sys.argv[1])

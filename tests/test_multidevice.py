@@ -18,6 +18,7 @@ CASES = [
     "shard_map_axis_name",
     "pmean_needs_no_axis_name",
     "pmap_axis_name",
+    "explicit_sharding",
 ]
 
 
