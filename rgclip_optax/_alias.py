@@ -15,6 +15,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import optax
 
 from rgclip_optax import _validation
@@ -33,45 +34,88 @@ def _cast_like(new: Any, old: Any) -> Any:
     )
 
 
-def _finalize(
-    tx: optax.GradientTransformation, *, skip_nonfinite: bool
-) -> optax.GradientTransformationExtraArgs:
-    """Wraps the alias chain (the rule first): stable dtypes, whole-step skips.
+def _hold(skipped: jax.Array, new: Any, old: Any) -> Any:
+    """``old`` where the step was skipped, else ``new`` (cast to old's dtypes)."""
+    return jax.tree.map(lambda n, o: select(skipped, o, n.astype(o.dtype)), new, old)
 
-    * Dtypes: the rule hands its updates down the chain in float32 (momentum
-      and learning rate are applied at that precision), and they are cast
-      here, once, to each gradient leaf's dtype; every state leaf keeps its
-      dtype from the step before. So a bfloat16 update is rounded once, not
-      after each link, and a float32 hyperparameter traced by
-      ``optax.inject_hyperparams`` cannot make the state's dtypes drift
-      between steps.
-    * Skips: the rule counts a skipped step in ``nonfinite_count``; when that
-      count moves, the rest of the chain's state is held as it was and the
-      updates are zero, as ``optax.apply_if_finite`` does, but from the flag
-      the norm already computed. Both are bit-mask selects (see ``_select``)
-      that XLA fuses into the elementwise update.
+
+def _alias(
+    rule: optax.GradientTransformation,
+    momentum: chex.Numeric | None,
+    nesterov: bool,
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    skip_nonfinite: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(rule, [optax.trace], scale_by_learning_rate)``, with
+    stable dtypes and whole-step skips.
+
+    The state is that chain's state, so checkpoints and ``optax.tree.get``
+    see the usual ``TraceState`` and schedule count.
+
+    * Dtypes: the rule hands its updates on in float32 (momentum and learning
+      rate are applied at that precision), and they are cast here, once, to
+      each gradient leaf's dtype; every state leaf keeps its dtype from the
+      step before. So a bfloat16 update is rounded once, not after each link,
+      and a float32 hyperparameter traced by ``optax.inject_hyperparams``
+      cannot make the state's dtypes drift between steps.
+    * Skips: the rule counts a skipped step in ``nonfinite_count`` and
+      outputs exact zeros; the updates are then zero and the rest of the state
+      is held, as ``optax.apply_if_finite`` does, from the flag the norm
+      already computed. The momentum is held by decaying it by 1 instead of
+      ``momentum`` (``0 + 1 * trace`` is the trace): with a select between
+      the old and the new trace instead, the parameter update read the old
+      trace after the held one was written in place, and XLA copied every
+      momentum buffer first (42.7 MB of temporaries for a float32 ResNet-18
+      on XLA:CPU). The other selects are bit masks (see ``_select``).
     """
+    parts = [rule]
+    if momentum is not None:
+        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    lr = optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
+    parts.append(lr)
+    init_fn = optax.chain(*parts).init
 
     def update_fn(
         updates: Any, state: tuple[Any, ...], params: Any = None, **extra_args: Any
     ) -> tuple[Any, tuple[Any, ...]]:
-        new_updates, new_state = optax.with_extra_args_support(tx).update(
-            updates, state, params, **extra_args
-        )
-        new_updates = _cast_like(new_updates, updates)
-        new_state = _cast_like(new_state, state)
-        if not skip_nonfinite:
-            return new_updates, new_state
         rule_old: DeltaGClipState = state[0]
-        rule_new: DeltaGClipState = new_state[0]
+        u, rule_new = rule.update(updates, rule_old, params)
         skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
-        held = jax.tree.map(
-            lambda new, old: select(skipped, old, new), new_state[1:], state[1:]
-        )
-        new_updates = jax.tree.map(lambda u: zero_where(skipped, u), new_updates)
-        return new_updates, (rule_new, *held)
+        if not skip_nonfinite:
+            skipped = jnp.zeros([], bool)
+        held: list[Any] = []
+        if momentum is not None:
+            old = state[1].trace
+            decay = jnp.where(skipped, 1.0, jnp.asarray(momentum, jnp.float32))
+            trace = jax.tree.map(
+                lambda g, t: None if g is None else g + decay * t,
+                u,
+                old,
+                is_leaf=lambda x: x is None,
+            )
+            # The update reads the trace as stored (in the parameters' dtype,
+            # as optax.sgd's does): from the unrounded float32 trace, XLA
+            # recomputed it from the old trace and copied a narrow trace first.
+            trace = _cast_like(trace, old)
+            if nesterov:
+                u = jax.tree.map(
+                    lambda g, t: None if g is None else g + decay * t,
+                    u,
+                    trace,
+                    is_leaf=lambda x: x is None,
+                )
+            else:
+                u = _cast_like(trace, u)  # back to float32 for the learning rate
+            held.append(optax.TraceState(trace=trace))
+        u, lr_state = lr.update(u, state[-1], params, **extra_args)
+        held.append(_hold(skipped, lr_state, state[-1]))
+        u = _cast_like(u, updates)
+        if skip_nonfinite:
+            u = jax.tree.map(lambda x: zero_where(skipped, x), u)
+        return u, (rule_new, *held)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def delta_gclip(
@@ -166,22 +210,19 @@ def delta_gclip(
             "nesterov=True needs momentum: got momentum=None. Pass momentum in "
             "[0, 1), e.g. momentum=0.9."
         )
-    parts = [
-        _make_scale_by_delta_gclip(
-            gamma,
-            delta,
-            weight_decay=weight_decay,
-            skip_nonfinite=skip_nonfinite,
-            norm=norm,
-            axis_name=axis_name,
-            replicated=replicated,
-            wide_updates=True,
-        )
-    ]
-    if momentum is not None:
-        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return _finalize(optax.chain(*parts), skip_nonfinite=skip_nonfinite)
+    rule = _make_scale_by_delta_gclip(
+        gamma,
+        delta,
+        weight_decay=weight_decay,
+        skip_nonfinite=skip_nonfinite,
+        norm=norm,
+        axis_name=axis_name,
+        replicated=replicated,
+        wide_updates=True,
+    )
+    return _alias(
+        rule, momentum, nesterov, learning_rate, skip_nonfinite=skip_nonfinite
+    )
 
 
 def gclip(

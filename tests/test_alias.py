@@ -172,10 +172,13 @@ def test_inject_hyperparams_with_a_schedule_for_gamma():
 
 
 @pytest.mark.parametrize("alias", ["delta_gclip", "gclip"])
-def test_nonfinite_step_leaves_params_and_all_state_untouched(alias):
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_nonfinite_step_leaves_params_and_all_state_untouched(alias, nesterov):
     params, loss = quadratic_problem()
     sched = optax.exponential_decay(0.1, 1, 0.5)
-    tx = getattr(rgc, alias)(sched, gamma=1.0, momentum=0.9, weight_decay=1e-3)
+    tx = getattr(rgc, alias)(
+        sched, gamma=1.0, momentum=0.9, nesterov=nesterov, weight_decay=1e-3
+    )
     p, s = run(tx, params, loss, 3)
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), jax.grad(loss)(p))
     u, s2 = jax.jit(tx.update)(bad, s, p)
