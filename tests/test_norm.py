@@ -213,3 +213,20 @@ def test_vmapped_norm_equals_per_example_norms():
     expected = [ref.norm(jax.tree.map(lambda a, i=i: a[i], batch)) for i in range(6)]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert np.isnan(got[4])
+
+
+def test_vmap_and_grad_compose_in_both_orders():
+    # Per-example norms differentiated, and per-example gradients of the norm,
+    # with one example whose float32 sum of squares overflows.
+    x = jnp.array([[3.0, 4.0], [3e30, 4e30], [0.6, 0.8]])
+    expected = np.array([[0.6, 0.8]] * 3)
+    g1 = jax.jit(jax.grad(lambda x: jnp.sum(jax.vmap(rgc.global_norm)(x))))(x)
+    g2 = jax.jit(jax.vmap(jax.grad(rgc.global_norm)))(x)
+    np.testing.assert_allclose(np.asarray(g1), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g2), expected, rtol=1e-6)
+    # vmap of vmap: a batch of batches.
+    xx = jnp.stack([x, 2 * x])
+    got = jax.jit(jax.vmap(jax.vmap(rgc.global_norm)))(xx)
+    np.testing.assert_allclose(
+        np.asarray(got), [[5.0, 5e30, 1.0], [10.0, 1e31, 2.0]], rtol=1e-6
+    )

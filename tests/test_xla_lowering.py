@@ -253,3 +253,13 @@ def test_tpu_program_has_no_conditional_and_no_extra_traffic(tmp_path):
         <= rows["replicated", "clip_sgd"]["temp_bytes"]
         + (rep["largest_leaf_bytes_per_device"])
     )
+
+
+def test_vmapped_norm_on_cpu_reads_the_batch_once_when_finite():
+    # With a batched predicate the conditional became a select that ran the
+    # float64 rescaled sums on every call; the batching rule keeps one
+    # conditional for the whole batch.
+    x = jnp.ones((8, 256, 256))
+    text = _hlo(jax.vmap(lambda t: rgc.global_norm(t)), x)
+    assert _ops(text, "conditional") == 1
+    assert "f64[8,256,256]" not in text.split("ENTRY")[-1].split("conditional(")[0]
