@@ -236,3 +236,26 @@ def test_replicated_mask_with_the_wrong_structure_is_a_clear_error():
         rgc.global_norm(
             {"a": jnp.ones(2), "b": jnp.ones(2)}, axis_name="x", replicated=[True]
         )
+
+
+def test_per_example_clipping_recipe_matches_the_float64_reference():
+    # The README's recipe: the rule vmapped over per-example gradients, then
+    # averaged (δ-GClip per example, as in DP-SGD-style clipping).
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(16, 4)) * 10, jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+
+    def loss(p, xi, yi):
+        return jnp.sum((xi @ p["w"] - yi) ** 2)
+
+    rule = rgc.scale_by_delta_gclip(gamma=1.0, delta=0.05)
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    clipped = jax.vmap(lambda g: rule.update(g, rule.init(g))[0])(grads)
+    mean = jax.jit(lambda c: jax.tree.map(lambda a: a.mean(0), c))(clipped)
+
+    expected = np.zeros((4, 3))
+    for i in range(16):
+        gi = {"w": np.asarray(grads["w"][i], np.float64)}
+        expected += ref.scale(ref.norm(gi), 1.0, 0.05) * gi["w"] / 16
+    np.testing.assert_allclose(np.asarray(mean["w"]), expected, rtol=1e-5)
