@@ -60,9 +60,14 @@ def test_leaves_are_grouped_by_dtype_within_the_group_size(monkeypatch):
     monkeypatch.setattr(_xla_cpu, "PACK_GROUP_SIZE", 10)
     leaves = [jnp.ones(4), jnp.ones(4, jnp.bfloat16), jnp.ones(5), jnp.ones(3)]
     leaves += [jnp.ones(5000), jnp.ones(2, jnp.complex64), jnp.ones(0)]
-    # Fewer small leaves than PACK_MIN_LEAVES: nothing is packed.
+    # With several devices (shardings unknown while tracing), fewer small
+    # leaves than PACK_MIN_LEAVES are not packed; with one, they are.
+    monkeypatch.setattr(_xla_cpu.jax, "device_count", lambda: 8)
     assert _xla_cpu.pack_plan(leaves) == (list(range(7)), [])
     monkeypatch.setattr(_xla_cpu, "PACK_MIN_LEAVES", 4)
+    assert _xla_cpu.pack_plan(leaves)[1] != []
+    monkeypatch.setattr(_xla_cpu.jax, "device_count", lambda: 1)
+    monkeypatch.setattr(_xla_cpu, "PACK_MIN_LEAVES", 1000)
     alone, groups = _xla_cpu.pack_plan(leaves)
     sizes = [[(leaves[i].dtype, leaves[i].size) for i in g] for g in groups]
     f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
