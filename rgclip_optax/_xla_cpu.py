@@ -254,9 +254,7 @@ def _rescue(
         out = lax.cond(
             jnp.all(jnp.isfinite(plain)),
             lambda: plain,
-            lambda: jax.vmap(scaled_sums, in_axes=(axes,), axis_size=axis_size)(
-                leaves
-            ),
+            lambda: jax.vmap(scaled_sums, in_axes=(axes,), axis_size=axis_size)(leaves),
         )
         return out, True
 
