@@ -103,7 +103,9 @@ def _is_static_zero(value: Any) -> bool:
 NORMS = ("global", "per_tensor")
 
 
-def _per_leaf_tree(treedef: Any, present: list[int], values: jax.Array, n: int) -> Any:
+def _per_leaf_tree(
+    treedef: Any, present: list[int], values: list[jax.Array], n: int
+) -> Any:
     """The gradient's tree with ``values[k]`` at the k-th non-None leaf."""
     leaves: list[Any] = [None] * n
     for k, i in enumerate(present):
@@ -186,11 +188,11 @@ def _make_scale_by_delta_gclip(
 
         # One pass over the leaves for both variants: per-tensor keeps one
         # norm per leaf instead of their total.
-        norm_value, finite = leaf_norms(grads, rep, axis_name, per_leaf=per_tensor)
-        s = delta_gclip_scale(norm_value, gamma, delta)
+        norms, finite = leaf_norms(grads, rep, axis_name, per_leaf=per_tensor)
+        factors = [delta_gclip_scale(n, gamma, delta) for n in norms]
         scales: list[Any] = [None] * len(grads)
         for k, i in enumerate(present):
-            scales[i] = s[k] if per_tensor else s
+            scales[i] = factors[k] if per_tensor else factors[0]
         skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
 
         if decays:
@@ -213,12 +215,13 @@ def _make_scale_by_delta_gclip(
             out[i] = y
         new_updates = jax.tree_util.tree_unflatten(treedef, out)
 
-        new_scale = jnp.where(skip, jnp.zeros([], NORM_DTYPE), s)
+        zero = jnp.zeros([], NORM_DTYPE)
+        new_scales = [jnp.where(skip, zero, f) for f in factors]
         if per_tensor:
-            new_norm = _per_leaf_tree(treedef, present, norm_value, len(grads))
-            new_scale = _per_leaf_tree(treedef, present, new_scale, len(grads))
+            new_norm = _per_leaf_tree(treedef, present, norms, len(grads))
+            new_scale = _per_leaf_tree(treedef, present, new_scales, len(grads))
         else:
-            new_norm = norm_value
+            new_norm, new_scale = norms[0], new_scales[0]
         new_state = DeltaGClipState(
             grad_norm=new_norm,
             scale=new_scale,
