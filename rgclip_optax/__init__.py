@@ -4,9 +4,11 @@ Where to find things:
 
 * the rule and its state: ``_delta_gclip.py`` (:func:`scale_by_delta_gclip`,
   :class:`DeltaGClipState`);
-* the norm: ``_norm.py`` (:func:`global_norm`);
+* the norm: ``_norm.py`` (:func:`global_norm`), and the form XLA:CPU is
+  given instead: ``_xla_cpu.py``;
 * the optimizers: ``_alias.py`` (:func:`delta_gclip`, :func:`gclip`);
-* hyperparameter checks: ``_validation.py``.
+* hyperparameter and gradient-tree checks: ``_validation.py``;
+* the bit-mask selects of skipped steps: ``_select.py``.
 """
 
 from rgclip_optax._alias import delta_gclip, gclip

@@ -19,15 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from rgclip_optax import _validation
-from rgclip_optax._norm import (
-    NORM_DTYPE,
-    AxisName,
-    accumulation_dtype,
-    inexact_leaves,
-    leaf_norms,
-    replicated_flags,
-)
+from rgclip_optax._norm import NORM_DTYPE, AxisName, accumulation_dtype, leaf_norms
 from rgclip_optax._select import zero_where
+from rgclip_optax._validation import inexact_leaves, replicated_flags
 
 
 class DeltaGClipState(NamedTuple):

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rgclip_optax._validation import inexact_leaves, replicated_flags
+
 AxisName = Hashable | Sequence[Hashable] | None
 # Leaves with the mesh axes their partial sums are added over.
 Group = tuple[Sequence[jax.Array], AxisName]
@@ -52,32 +54,6 @@ SCALE_EXPONENT = 96
 # accelerator path on a CPU.
 PATH_ENV = "RGCLIP_OPTAX_NORM_PATH"
 PATHS = ("auto", "portable", "cpu")
-
-
-def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
-    """Returns the leaves of ``tree``, raising ``TypeError`` for non-float ones.
-
-    ``None`` leaves (masked parameters) are skipped, as everywhere in JAX.
-
-    Raises:
-      TypeError: naming the path of the first leaf whose dtype is not a
-        floating or complex type (integers, booleans, ``float0``).
-    """
-    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = []
-    for path, leaf in with_path:
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-            where = jax.tree_util.keystr(path) or "<root>"
-            shown = dtype if dtype is not None else type(leaf).__name__
-            raise TypeError(
-                f"{what} leaf at {where} has dtype {shown}; δ-GClip needs floating "
-                "point (or complex) leaves. Take gradients only with respect to "
-                "floating-point parameters, or mask the others out with "
-                "optax.masked / None leaves."
-            )
-        leaves.append(leaf)
-    return leaves
 
 
 def accumulation_dtype(dtype: Any) -> Any:
@@ -175,26 +151,6 @@ def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.
     )
     norm = jnp.where(finite_sum, jnp.sqrt(plain), rescaled)
     return norm, finite_sum | jnp.isfinite(scaled)
-
-
-def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
-    """One bool per leaf of ``tree`` (``None`` leaves included, as False).
-
-    ``replicated`` is ``None`` (nothing replicated), a pytree of bools with
-    ``tree``'s structure, or a callable taking ``tree`` and returning one.
-    """
-    n_leaves = len(jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0])
-    if replicated is None:
-        return [False] * n_leaves
-    mask = replicated(tree) if callable(replicated) else replicated
-    flags = jax.tree_util.tree_flatten(mask, is_leaf=lambda x: x is None)[0]
-    if len(flags) != n_leaves:
-        raise ValueError(
-            "replicated must be a pytree of bools with the gradient's structure "
-            f"(or a callable returning one): got {len(flags)} flags for "
-            f"{n_leaves} leaves."
-        )
-    return [bool(f) if f is not None else False for f in flags]
 
 
 def leaf_norms(

@@ -1,4 +1,4 @@
-"""Checks of hyperparameters at construction time.
+"""Checks of hyperparameters at construction time, and of gradient trees.
 
 Only concrete values are checked. A traced value (for example a
 hyperparameter injected by :func:`optax.inject_hyperparams` and read under
@@ -13,6 +13,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -91,3 +92,49 @@ def check_bool(name: str, value: Any) -> None:
         return
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {name}={value!r}.")
+
+
+def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
+    """Returns the leaves of ``tree``, raising ``TypeError`` for non-float ones.
+
+    ``None`` leaves (masked parameters) are skipped, as everywhere in JAX.
+
+    Raises:
+      TypeError: naming the path of the first leaf whose dtype is not a
+        floating or complex type (integers, booleans, ``float0``).
+    """
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for path, leaf in with_path:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            where = jax.tree_util.keystr(path) or "<root>"
+            shown = dtype if dtype is not None else type(leaf).__name__
+            raise TypeError(
+                f"{what} leaf at {where} has dtype {shown}; δ-GClip needs floating "
+                "point (or complex) leaves. Take gradients only with respect to "
+                "floating-point parameters, or mask the others out with "
+                "optax.masked / None leaves."
+            )
+        leaves.append(leaf)
+    return leaves
+
+
+def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
+    """One bool per leaf of ``tree`` (``None`` leaves included, as False).
+
+    ``replicated`` is ``None`` (nothing replicated), a pytree of bools with
+    ``tree``'s structure, or a callable taking ``tree`` and returning one.
+    """
+    n_leaves = len(jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0])
+    if replicated is None:
+        return [False] * n_leaves
+    mask = replicated(tree) if callable(replicated) else replicated
+    flags = jax.tree_util.tree_flatten(mask, is_leaf=lambda x: x is None)[0]
+    if len(flags) != n_leaves:
+        raise ValueError(
+            "replicated must be a pytree of bools with the gradient's structure "
+            f"(or a callable returning one): got {len(flags)} flags for "
+            f"{n_leaves} leaves."
+        )
+    return [bool(f) if f is not None else False for f in flags]

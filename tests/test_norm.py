@@ -118,7 +118,7 @@ def mixed_tree(big_value=None, small_value=None):
     """Large leaves (reduced one by one) and many small leaves of three dtypes
     (on the CPU path, reduced packed together per dtype), as in a network."""
     rng = np.random.default_rng(1)
-    big = rng.normal(size=(300, 300))  # 90,000 > SMALL_LEAF_SIZE, RESCALE_CHUNK
+    big = rng.normal(size=(300, 300))  # 90,000 > SMALL_LEAF_SIZE
     if big_value is not None:
         big[7, 11] = big_value
     small = {
