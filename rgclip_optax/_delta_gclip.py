@@ -75,13 +75,24 @@ def delta_gclip_scale(
     return jnp.where(norm <= gamma, one, clipped)
 
 
+def _wide_dtype(dtype: Any) -> Any:
+    """float32 (float64 under x64) for real leaves, the matching complex type
+    for complex ones: float8 and float16 cannot be promoted implicitly."""
+    real = accumulation_dtype(dtype)
+    return (
+        jnp.result_type(real, jnp.complex64)
+        if jnp.issubdtype(dtype, jnp.complexfloating)
+        else real
+    )
+
+
 def _scale_leaf(
     g: jax.Array, s: jax.Array, decay: Any = None, *, cast: bool = True
 ) -> jax.Array:
     """``s * (g + decay)`` computed in float32 (or wider), cast back to g's dtype
     unless ``cast`` is false."""
+    acc = _wide_dtype(g.dtype)
     real = accumulation_dtype(g.dtype)
-    acc = jnp.result_type(real, jnp.complex64) if jnp.iscomplexobj(g) else real
     y = g.astype(acc)
     if decay is not None:
         y = y + decay.astype(acc)
@@ -201,7 +212,7 @@ def _make_scale_by_delta_gclip(
             if decays:
                 p = ps[i]
                 decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
-                    accumulation_dtype(p.dtype)
+                    _wide_dtype(p.dtype)
                 )
             y = _scale_leaf(grads[i], scales[i], decay, cast=not wide_updates)
             if skip_nonfinite is not False:

@@ -254,3 +254,29 @@ def test_bfloat16_update_is_rounded_once_after_the_learning_rate():
     chained = optax.chain(rgc.scale_by_delta_gclip(gamma, delta), optax.sgd(lr))
     u2, _ = chained.update(g, chained.init(g))
     assert (np.abs(ref.to_f64(u2) - exact) / _bf16_ulp(exact)).max() > 0.5 + 1e-3
+
+
+def test_complex_params_keep_their_imaginary_part_under_weight_decay():
+    p = jnp.array([1 + 2j, 3 - 1j], jnp.complex64)
+    g = p * 2
+    tx = rgc.delta_gclip(0.1, gamma=1.0, delta=0.1, weight_decay=0.5)
+    u, _ = tx.update(g, tx.init(p), p)
+    h = 0.1 * ref.scale(float(np.sqrt(np.sum(np.abs(np.asarray(g)) ** 2))), 1.0, 0.1)
+    expected = -h * (np.asarray(g, np.complex128) + 0.5 * np.asarray(p, np.complex128))
+    assert u.dtype == jnp.complex64
+    np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_params_step_with_weight_decay_and_keep_their_dtype(dtype):
+    p = jnp.asarray([1.0, -2.0, 0.5, 4.0], dtype)
+    g = jnp.asarray([8.0, 8.0, -8.0, 0.0], dtype)
+    tx = rgc.delta_gclip(0.5, gamma=1.0, delta=0.1, weight_decay=0.25)
+    u, s = jax.jit(tx.update)(g, tx.init(p), p)
+    assert u.dtype == dtype
+    exact = (
+        -0.5 * ref.scale(ref.norm(g), 1.0, 0.1) * (ref.to_f64(g) + 0.25 * ref.to_f64(p))
+    )
+    # Rounded once to the float8 format (3 or 2 mantissa bits).
+    np.testing.assert_allclose(ref.to_f64(u), exact, rtol=0.25)
+    assert float(optax.tree.get(s, "grad_norm")) == pytest.approx(ref.norm(g))
