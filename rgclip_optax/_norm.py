@@ -98,10 +98,11 @@ def _portable_sums(
         both = psum(both, axis_name)
         plains.append(both[0])
         scaleds.append(both[1])
-    return _join(plains, per_leaf), _join(scaleds, per_leaf)
+    return join(plains, per_leaf), join(scaleds, per_leaf)
 
 
-def _join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
+def join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
+    """The groups' sums: concatenated per leaf, else added."""
     return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([]))
 
 
@@ -177,7 +178,7 @@ def leaf_norms(
     if not per_leaf:
         norm, finite = norm_from_sums(plain, scaled)
         return [norm], finite
-    finite = jnp.all(jnp.isfinite(plain) | jnp.isfinite(scaled))
+    finite = jnp.all(norm_from_sums(plain, scaled)[1])
     # Per leaf, the norm is taken from scalars sliced off the sums: computed
     # on the vectors, XLA copied the whole vector's arithmetic into each
     # leaf's update (compile time quadratic in the leaf count: 22 s for 500).

@@ -43,6 +43,7 @@ from rgclip_optax._norm import (
     SCALE_EXPONENT,
     Group,
     accumulation_dtype,
+    join,
     psum,
     stack,
 )
@@ -186,12 +187,6 @@ def unshared(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     return leaves
 
 
-def _join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
-    if per_leaf:
-        return jnp.concatenate(parts)
-    return sum(parts[1:], parts[0])
-
-
 def square_sums(groups: Sequence[Group], per_leaf: bool) -> tuple[jax.Array, jax.Array]:
     """``_norm.square_sums`` for XLA:CPU: the scaled sums are exact only where
     the plain ones are not finite."""
@@ -204,20 +199,21 @@ def square_sums(groups: Sequence[Group], per_leaf: bool) -> tuple[jax.Array, jax
         for n, ax in zip(sizes, axes, strict=True):
             parts.append(psum(_sums(flat[start : start + n], scaled, per_leaf), ax))
             start += n
-        return _join(parts, per_leaf)
+        return join(parts, per_leaf)
 
     flat = [x for xs, _ in groups for x in xs]
     plain = sums(flat, scaled=False)
     if any(ax is not None for ax in axes):
         # Inside shard_map/pmap: the collectives stay in a plain conditional.
-        scaled = lax.cond(
-            jnp.all(jnp.isfinite(plain)),
-            lambda: plain,
-            lambda: sums(flat, scaled=True),
-        )
+        scaled = _unless_finite(plain, lambda: sums(flat, scaled=True))
     else:
         scaled = _rescue(lambda xs: sums(xs, scaled=True))(plain, flat)
     return plain, scaled
+
+
+def _unless_finite(plain: jax.Array, rescaled: Callable[[], jax.Array]) -> jax.Array:
+    """``plain`` if every entry is finite, else ``rescaled()``, run only then."""
+    return lax.cond(jnp.all(jnp.isfinite(plain)), lambda: plain, rescaled)
 
 
 def _rescue(
@@ -237,9 +233,7 @@ def _rescue(
     """
 
     def guarded(plain: jax.Array, leaves: list[jax.Array]) -> jax.Array:
-        return lax.cond(
-            jnp.all(jnp.isfinite(plain)), lambda: plain, lambda: scaled_sums(leaves)
-        )
+        return _unless_finite(plain, lambda: scaled_sums(leaves))
 
     batched_guard = jax.custom_batching.custom_vmap(guarded)
 
@@ -251,12 +245,8 @@ def _rescue(
         if not plain_batched:
             plain = jnp.broadcast_to(plain, (axis_size, *plain.shape))
         axes = [0 if b else None for b in leaves_batched]
-        out = lax.cond(
-            jnp.all(jnp.isfinite(plain)),
-            lambda: plain,
-            lambda: jax.vmap(scaled_sums, in_axes=(axes,), axis_size=axis_size)(leaves),
-        )
-        return out, True
+        batched = jax.vmap(scaled_sums, in_axes=(axes,), axis_size=axis_size)
+        return _unless_finite(plain, lambda: batched(leaves)), True
 
     @jax.custom_jvp
     def rescue(plain: jax.Array, leaves: list[jax.Array]) -> jax.Array:
