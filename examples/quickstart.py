@@ -168,17 +168,10 @@ def regime_fractions(
     grad_norm: np.ndarray, gamma: float, delta: float
 ) -> dict[str, float]:
     """Fractions of steps with s = 1 (||g|| <= gamma), s = gamma/||g||, and
-    s = delta (||g|| > gamma/delta; never for GClip, delta = 0)."""
-    g = np.asarray(grad_norm, np.float64)
-    unclipped = g <= gamma
-    floor = g * delta > gamma if delta > 0 else np.zeros_like(unclipped)
-    clipped = ~unclipped & ~floor
-    n = max(len(g), 1)
-    return {
-        "unclipped": float(unclipped.sum() / n),
-        "clipped": float(clipped.sum() / n),
-        "floor": float(floor.sum() / n),
-    }
+    s = delta (gamma/||g|| < delta; never for GClip, delta = 0)."""
+    regime = np.asarray(rgc.delta_gclip_regime(np.asarray(grad_norm), gamma, delta))
+    n = max(regime.size, 1)
+    return {name: float(np.sum(regime == i) / n) for i, name in enumerate(REGIMES)}
 
 
 def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> None:

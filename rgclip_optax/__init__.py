@@ -14,6 +14,7 @@ Where to find things:
 from rgclip_optax._alias import delta_gclip, gclip
 from rgclip_optax._delta_gclip import (
     DeltaGClipState,
+    delta_gclip_regime,
     delta_gclip_scale,
     scale_by_delta_gclip,
 )
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DeltaGClipState",
     "delta_gclip",
+    "delta_gclip_regime",
     "delta_gclip_scale",
     "gclip",
     "global_norm",

@@ -75,6 +75,55 @@ def delta_gclip_scale(
     return jnp.where(norm <= gamma, one, clipped)
 
 
+UNCLIPPED, CLIPPED, FLOOR, SKIPPED = 0, 1, 2, -1
+
+
+def delta_gclip_regime(
+    grad_norm: chex.Numeric, gamma: chex.Numeric, delta: chex.Numeric
+) -> jax.Array:
+    r"""Which branch of the δ-GClip factor a gradient norm falls in.
+
+    For logging how often the floor binds. Elementwise over ``grad_norm``, so a
+    whole training log of norms is classified at once.
+
+    .. math::
+
+      \text{regime}(\|g\|) =
+      \begin{cases}
+        0 \text{ (unclipped, } s = 1) & \|g\| \le \gamma \\
+        2 \text{ (floor, } s = \delta) & \gamma / \|g\| < \delta \\
+        1 \text{ (clipped, } s = \gamma / \|g\|) & \text{otherwise}
+      \end{cases}
+
+    and -1 for a NaN or infinite norm (a step that ``skip_nonfinite`` skips).
+    The comparisons are those of :func:`delta_gclip_scale`, in float32, so the
+    floor regime is exactly the steps whose factor is ``delta`` with
+    ``delta < 1`` (with ``delta = 0``, GClip, it never occurs).
+
+    Args:
+      grad_norm: gradient norm(s), any shape.
+      gamma: the clipping threshold, > 0.
+      delta: the floor, in [0, 1].
+
+    Returns:
+      An int32 array of ``grad_norm``'s shape with values in {-1, 0, 1, 2}.
+
+    Example:
+      >>> import rgclip_optax as rgc
+      >>> rgc.delta_gclip_regime([0.5, 5.0, 500.0, float("nan")], 1.0, 0.1)
+      Array([ 0,  1,  2, -1], dtype=int32)
+    """
+    norm = jnp.asarray(grad_norm, NORM_DTYPE)
+    gamma = jnp.asarray(gamma, NORM_DTYPE)
+    delta = jnp.asarray(delta, NORM_DTYPE)
+    regime = jnp.where(
+        norm <= gamma,
+        UNCLIPPED,
+        jnp.where(gamma / norm < delta, FLOOR, CLIPPED),
+    )
+    return jnp.where(jnp.isfinite(norm), regime, SKIPPED).astype(jnp.int32)
+
+
 def _wide_dtype(dtype: Any) -> Any:
     """float32 (float64 under x64) for real leaves, the matching complex type
     for complex ones: float8 and float16 cannot be promoted implicitly."""

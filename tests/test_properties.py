@@ -83,3 +83,29 @@ def test_scale_is_in_delta_to_one_and_matches_reference(g, gamma, delta, dtype):
     assert delta * (1 - 1e-6) <= s <= 1.0
     np.testing.assert_allclose(s, ref.scale(ref.norm(g), gamma, delta), rtol=1e-5)
     assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(lambda x: x.dtype, g)
+
+
+@given(
+    st.lists(
+        st.floats(0, 2.0**100, allow_nan=False, width=32) | st.sampled_from([np.inf]),
+        min_size=1,
+        max_size=20,
+    ),
+    gammas,
+    deltas,
+)
+def test_regime_names_the_branch_the_factor_took(norms, gamma, delta):
+    norms = np.asarray(norms, np.float32)
+    regime = np.asarray(rgc.delta_gclip_regime(norms, gamma, delta))
+    s = np.asarray(rgc.delta_gclip_scale(norms, gamma, delta))
+    finite = np.isfinite(norms)
+    assert np.all(regime[~finite] == -1)
+    r, n, s = regime[finite], norms[finite], s[finite]
+    assert np.all((r == 0) == (n <= np.float32(gamma)))
+    assert np.all(s[r == 0] == 1)
+    assert np.all(s[r == 2] == np.float32(delta))
+    np.testing.assert_array_equal(
+        s[r == 1], np.float32(gamma) / n[r == 1]
+    )  # clipped: exactly gamma/||g||, not the floor
+    if delta == 0:
+        assert not np.any(r == 2)

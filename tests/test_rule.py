@@ -62,6 +62,24 @@ def test_regimes_give_the_expected_factor():
         np.testing.assert_allclose(float(st.scale), expected, rtol=1e-7)
 
 
+def test_regime_matches_float64_definition_on_a_log_of_norms():
+    norms = np.array(
+        [0.0, GAMMA, 1.01 * GAMMA, GAMMA / DELTA, 1.01 * GAMMA / DELTA, np.nan, np.inf]
+    )
+    # float64: 0 when ||g|| <= gamma, 2 when gamma/||g|| < delta, else 1.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.where(norms <= GAMMA, 0, np.where(GAMMA / norms < DELTA, 2, 1))
+    expected[~np.isfinite(norms)] = -1
+    got = jax.jit(rgc.delta_gclip_regime)(norms.reshape(7, 1), GAMMA, DELTA)
+    assert got.shape == (7, 1) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(got[:, 0], expected)
+    # delta = 0 is GClip: no floor; delta = 1 is GD: every large norm is "floor".
+    np.testing.assert_array_equal(
+        rgc.delta_gclip_regime(norms, GAMMA, 0.0), np.minimum(expected, 1)
+    )
+    assert rgc.delta_gclip_regime(1e30, GAMMA, 1.0) == 2
+
+
 def test_zero_gradient_gives_zero_update_and_scale_one():
     g = {"a": jnp.zeros((3,)), "b": jnp.zeros((), jnp.bfloat16)}
     tx = rgc.scale_by_delta_gclip(GAMMA, DELTA)
