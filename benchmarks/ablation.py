@@ -80,7 +80,7 @@ class Problem:
 PROBLEM_SETTINGS = {
     "theory_full": Problem(1.0, 0.1, 300, 32, None, 100.0),
     "theory_minibatch": Problem(1.0, 0.1, 300, 32, 8, 100.0),
-    "digits_full": Problem(1.0, 0.1, 300, 100, None, 10.0),
+    "digits_full": Problem(1.0, 0.1, 300, 50, None, 10.0),
 }
 
 

@@ -37,17 +37,20 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("sgd", "adam", "gclip", "delta_gclip")
-LABELS = {"sgd": "SGD", "adam": "Adam", "gclip": "GClip", "delta_gclip": "δ-GClip"}
+LABELS = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "gclip": "GClip",
+    "delta_gclip": "δ-GClip",
+    "clip_adam": "clip + Adam",
+    "delta_gclip_adam": "δ-GClip + Adam",
+}
 SYMBOLS = {"learning_rate": "η", "gamma": "γ", "delta": "δ"}
 
 
 def optimizer_spec(spec: str) -> str:
     """``name`` or ``name:key=value,...``, e.g. ``delta_gclip:delta=1e-8``."""
-    name, _, rest = spec.partition(":")
-    if name not in OPTIMIZERS:
-        raise argparse.ArgumentTypeError(
-            f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}"
-        )
+    rest = spec.partition(":")[2]
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if key not in SYMBOLS or not eq:
@@ -95,6 +98,32 @@ class Experiment:
     metrics: tuple[tuple[str, str, bool], ...]
     curve_panels: tuple[tuple[str, ...], ...]
     log_scale: bool
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    fixed_args: tuple[str, ...] = ()  # passed to every run
+    points: str = "epochs"  # the history's list of evaluations
+    x_key: str = "epoch"  # each evaluation's x value
+    x_label: str = "epoch (0 = initialization)"
+
+    def describe(self, first: dict[str, Any]) -> list[str]:
+        """The table's data and training lines, from one run's record."""
+        hp = first["hyperparameters"]
+        if self.points != "epochs":  # PPO
+            return [
+                f"- **Environment:** gymnax `{hp['env']}`",
+                f"- **Training:** {hp['total_timesteps']:,} environment steps, "
+                f"{hp['num_envs']} environments x {hp['num_steps']} steps per "
+                f"update, {hp['update_epochs']} epochs of {hp['num_minibatches']} "
+                "minibatches, learning rate annealed linearly to 0; *return* is "
+                "the mean over the episodes that ended in each twentieth of "
+                "training, *final* the last twentieth",
+            ]
+        schedule = "η×0.1 at 50% and 75% of the epochs" if hp["schedule"] else "none"
+        return [
+            f"- **Data:** {first['data']['train']} training and "
+            f"{first['data']['test']} test examples from `{first['data']['dir']}`",
+            f"- **Training:** {hp['epochs']} epochs, batch {hp['batch_size']}, "
+            f"schedule {schedule}; metrics evaluated after each epoch",
+        ]
 
 
 EXPERIMENTS = {
@@ -119,6 +148,21 @@ EXPERIMENTS = {
         curve_panels=(("train_loss",), ("test_accuracy",)),
         log_scale=False,
     ),
+    **{
+        f"ppo_{env.split('-')[0].lower()}": Experiment(
+            script="examples/ppo.py",
+            title=f"PPO on {env} (gymnax)",
+            metrics=(("episode_return", "episode return", True),),
+            curve_panels=(("episode_return",),),
+            log_scale=False,
+            optimizers=("clip_adam", "delta_gclip_adam"),
+            fixed_args=("--env", env),
+            points="evaluations",
+            x_key="env_steps",
+            x_label="environment steps",
+        )
+        for env in ("CartPole-v1", "Acrobot-v1")
+    },
 }
 
 
@@ -129,9 +173,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--optimizers",
         nargs="+",
         type=optimizer_spec,
-        default=list(OPTIMIZERS),
         help="optimizers, each NAME or NAME:key=value,... "
-        "(e.g. delta_gclip:delta=1e-8); NAME one of " + ", ".join(OPTIMIZERS),
+        "(e.g. delta_gclip:delta=1e-8); NAME one of the experiment's (default: "
+        "all of them): " + ", ".join(LABELS),
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
@@ -153,8 +197,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--jobs must be a positive integer, got {args.jobs}")
     if "--out" in extra or "--optimizer" in extra or "--seed" in extra:
         p.error("--out, --optimizer and --seed are set per run by this script")
+    exp = EXPERIMENTS[args.experiment]
+    args.optimizers = args.optimizers or list(exp.optimizers)
+    for spec in args.optimizers:
+        name = spec_parts(spec)[0]
+        if name not in exp.optimizers:
+            p.error(
+                f"argument --optimizers: optimizer {name!r} is not one of "
+                f"{', '.join(exp.optimizers)}"
+            )
     args.runs_dir = args.runs_dir or ROOT / "runs/paper" / args.experiment
-    args.name = args.name or EXPERIMENTS[args.experiment].script.split("/")[-1][:-3]
+    stem = exp.script.split("/")[-1][:-3]
+    args.name = args.name or (args.experiment if exp.fixed_args else stem)
     return args, extra
 
 
@@ -163,7 +217,7 @@ def run_one(
 ) -> tuple[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / exp.script), *spec_flags(optimizer)]
-    cmd += ["--seed", str(seed), "--out", str(out), *extra]
+    cmd += ["--seed", str(seed), "--out", str(out), *exp.fixed_args, *extra]
     with (out / "log.txt").open("w") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
@@ -223,8 +277,6 @@ def write_table(
 ) -> str:
     first = next(iter(runs.values()))[0]
     dev = first["device"]
-    hp0 = first["hyperparameters"]
-    schedule = "η×0.1 at 50% and 75% of the epochs" if hp0["schedule"] else "none"
     lines = [
         f"# {exp.title}",
         "",
@@ -232,10 +284,7 @@ def write_table(
         f"{dev['device_count']}, {dev['cpu_count']} CPU cores "
         f"({dev['cpu']}), jax {dev['jax']}, optax {dev['optax']}; "
         f"{time.strftime('%Y-%m-%d')}",
-        f"- **Data:** {first['data']['train']} training and {first['data']['test']} "
-        f"test examples from `{first['data']['dir']}`",
-        f"- **Training:** {hp0['epochs']} epochs, batch {hp0['batch_size']}, "
-        f"schedule {schedule}; metrics evaluated after each epoch",
+        *exp.describe(first),
         "- **Command:** `python benchmarks/paper_experiments.py "
         + shlex.join(
             [
@@ -253,34 +302,54 @@ def write_table(
     header = ["optimizer", "hyperparameters", "seeds"]
     for _, label, _ in exp.metrics:
         header += [f"final {label}", f"best {label}"]
+    regimes = "regime_fractions" in first["summary"]
+    if regimes:
+        header.append("steps unclipped / clipped / at floor")
     header.append("train steps/s")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    skip = 1 if exp.points == "epochs" else 0  # epoch 0 is the initialization
     for opt, rs in runs.items():
         hp = rs[0]["hyperparameters"]
+        name = hp["optimizer"]
+        clip = "max_grad_norm" if "max_grad_norm" in hp else "gamma"
         hps = ", ".join(
             f"{sym}={hp[k]:g}"
-            for k, sym in (("learning_rate", "η"), ("gamma", "γ"), ("delta", "δ"))
+            for k, sym in (("learning_rate", "η"), (clip, "γ"), ("delta", "δ"))
             if k in hp
             and hp[k] is not None
-            and (k != "delta" or hp["optimizer"] == "delta_gclip")
-            and (k != "gamma" or hp["optimizer"] in ("gclip", "delta_gclip"))
+            and (k != "delta" or "delta" in name)
+            and (k != clip or "clip" in name)
         )
         row = [spec_label(opt), hps, str(len(rs))]
         for key, _, higher in exp.metrics:
-            final = [r["history"]["epochs"][-1][key] for r in rs]
+            final = [r["history"][exp.points][-1][key] for r in rs]
             bests = [
-                best([m[key] for m in r["history"]["epochs"][1:]], higher) for r in rs
+                best([m[key] for m in r["history"][exp.points][skip:]], higher)
+                for r in rs
             ]
             row += [fmt(final), fmt(bests)]
+        if regimes:
+            row.append(
+                " / ".join(
+                    f"{np.mean([r['summary']['regime_fractions'][k] for r in rs]):.2f}"
+                    for k in ("unclipped", "clipped", "floor")
+                )
+            )
         sps = [r["history"]["train_steps_per_second"] for r in rs]
         sps = [s for s in sps if s]
         row.append(f"{np.median(sps):.3g}" if sps else "-")
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "Mean ± sample standard deviation over seeds; *best* is the best epoch of "
-        "each run (epochs ≥ 1). Steps/s is the median over seeds and depends on how "
-        "many runs shared the machine.",
+        "Mean ± sample standard deviation over seeds; *best* is the best evaluation "
+        "of each run (after training began). Steps/s is the median over seeds and "
+        "depends on how many runs shared the machine."
+        + (
+            " The regime fractions (mean over seeds) say how often the clipping "
+            "factor was 1, γ/‖g‖ or δ."
+            if regimes
+            else ""
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -292,48 +361,47 @@ def plot(exp: Experiment, runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    skip = 1 if exp.points == "epochs" else 0  # epoch 0 is the initialization
     panels = len(exp.curve_panels) + 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
     for ax, keys in zip(axes, exp.curve_panels, strict=False):
         for opt, rs in runs.items():
             for key in keys:
+                points = [r["history"][exp.points] for r in rs]
                 curves = np.array(
-                    [
-                        [
-                            np.nan if m[key] is None else m[key]
-                            for m in r["history"]["epochs"]
-                        ]
-                        for r in rs
-                    ],
+                    [[np.nan if m[key] is None else m[key] for m in p] for p in points],
                     dtype=np.float64,
                 )
-                mean, std = np.mean(curves, 0), np.std(curves, 0)
-                epochs = np.arange(curves.shape[1])
-                (line,) = ax.plot(
-                    epochs, mean, label=f"{spec_label(opt)} (n={len(rs)})"
-                )
+                mean, std = np.nanmean(curves, 0), np.nanstd(curves, 0)
+                x = [m[exp.x_key] for m in points[0]]
+                (line,) = ax.plot(x, mean, label=f"{spec_label(opt)} (n={len(rs)})")
                 ax.fill_between(
-                    epochs, mean - std, mean + std, alpha=0.2, color=line.get_color()
+                    x, mean - std, mean + std, alpha=0.2, color=line.get_color()
                 )
             ax.set_ylabel(keys[0].replace("_", " "))
         if exp.log_scale:
             ax.set_yscale("log")
-        ax.set_xlabel("epoch (0 = initialization)")
+        ax.set_xlabel(exp.x_label)
         ax.legend()
     axes[0].set_title(exp.title, fontsize=10)
     ax = axes[-1]
     for opt, rs in runs.items():
-        # h per step, all seeds: per-epoch median and 5-95% band.
-        epochs = rs[0]["hyperparameters"]["epochs"]
-        h = np.concatenate(
+        # h per step, all seeds: median and 5-95% band over the steps between
+        # two evaluations.
+        points = rs[0]["history"][exp.points][skip:]
+        parts = [
+            np.array_split(
+                np.asarray(r["history"]["steps"]["h"], np.float64), len(points)
+            )
+            for r in rs
+        ]
+        lo, mid, hi = np.array(
             [
-                np.asarray(r["history"]["steps"]["h"], np.float64).reshape(epochs, -1)
-                for r in rs
-            ],
-            axis=1,
-        )
-        x = np.arange(1, epochs + 1)
-        lo, mid, hi = np.nanpercentile(h, [5, 50, 95], axis=1)
+                np.nanpercentile(np.concatenate([p[i] for p in parts]), [5, 50, 95])
+                for i in range(len(points))
+            ]
+        ).T
+        x = [m[exp.x_key] for m in points]
         (line,) = ax.plot(x, mid, label=spec_label(opt))
         ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
         hp = rs[0]["hyperparameters"]
@@ -346,22 +414,22 @@ def plot(exp: Experiment, runs: dict, path: Path) -> None:
                 label=f"ηδ floor of {spec_label(opt)}",
             )
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("step size h: median per epoch, 5–95% band")
+    ax.set_xlabel(exp.x_label)
+    ax.set_ylabel("step size h: median between evaluations, 5–95% band")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def summary_json(runs: dict) -> dict[str, Any]:
+def summary_json(exp: Experiment, runs: dict) -> dict[str, Any]:
     return {
         opt: [
             {
                 "seed": r["hyperparameters"]["seed"],
                 "hyperparameters": r["hyperparameters"],
                 "summary": r["summary"],
-                "epochs": r["history"]["epochs"],
+                exp.points: r["history"][exp.points],
                 "train_steps_per_second": r["history"]["train_steps_per_second"],
                 "wall_seconds": r["history"]["wall_seconds"],
                 "device": r["device"],
@@ -407,7 +475,7 @@ def main(argv: list[str] | None = None) -> Path:
     md = args.results_dir / f"{args.name}.md"
     md.write_text(table)
     (args.results_dir / f"{args.name}.json").write_text(
-        json.dumps({"machine": platform.node(), "runs": summary_json(runs)})
+        json.dumps({"machine": platform.node(), "runs": summary_json(exp, runs)})
     )
     plot(exp, runs, args.results_dir / f"{args.name}.png")
     print(table)
