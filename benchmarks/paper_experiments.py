@@ -44,6 +44,8 @@ LABELS = {
     "delta_gclip": "δ-GClip",
     "clip_adam": "clip + Adam",
     "delta_gclip_adam": "δ-GClip + Adam",
+    "adamw_clip": "AdamW + clip",
+    "adamw_delta_gclip": "AdamW + δ-GClip",
 }
 SYMBOLS = {"learning_rate": "η", "gamma": "γ", "delta": "δ"}
 
@@ -105,18 +107,11 @@ class Experiment:
     x_label: str = "epoch (0 = initialization)"
 
     def describe(self, first: dict[str, Any]) -> list[str]:
-        """The table's data and training lines, from one run's record."""
+        """The table's data and training lines: the run's own ``setup`` lines
+        where it writes them, else those of the epoch-based examples."""
+        if "setup" in first:
+            return [f"- {line}" for line in first["setup"]]
         hp = first["hyperparameters"]
-        if self.points != "epochs":  # PPO
-            return [
-                f"- **Environment:** gymnax `{hp['env']}`",
-                f"- **Training:** {hp['total_timesteps']:,} environment steps, "
-                f"{hp['num_envs']} environments x {hp['num_steps']} steps per "
-                f"update, {hp['update_epochs']} epochs of {hp['num_minibatches']} "
-                "minibatches, learning rate annealed linearly to 0; *return* is "
-                "the mean over the episodes that ended in each twentieth of "
-                "training, *final* the last twentieth",
-            ]
         schedule = "η×0.1 at 50% and 75% of the epochs" if hp["schedule"] else "none"
         return [
             f"- **Data:** {first['data']['train']} training and "
@@ -163,6 +158,17 @@ EXPERIMENTS = {
         )
         for env in ("CartPole-v1", "Acrobot-v1")
     },
+    "char_lm": Experiment(
+        script="examples/char_lm.py",
+        title="Character-level transformer LM on the fortune files",
+        metrics=(("val_bpc", "validation bits/char", False),),
+        curve_panels=(("val_bpc",),),
+        log_scale=False,
+        optimizers=("adamw_clip", "adamw_delta_gclip", "delta_gclip", "sgd"),
+        points="evaluations",
+        x_key="step",
+        x_label="step",
+    ),
 }
 
 

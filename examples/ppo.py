@@ -336,6 +336,15 @@ def train_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "experiment": EXPERIMENT,
         "hyperparameters": {**vars(args), "num_updates": num_updates},
         "device": device_description(),
+        "setup": [
+            f"**Environment:** gymnax `{args.env}`",
+            f"**Training:** {args.total_timesteps:,} environment steps, "
+            f"{args.num_envs} environments x {args.num_steps} steps per update, "
+            f"{args.update_epochs} epochs of {args.num_minibatches} minibatches, "
+            "learning rate annealed linearly to 0; *return* is the mean over the "
+            "episodes that ended in each twentieth of training, *final* the last "
+            "twentieth",
+        ],
         "summary": {
             "final_return": evaluations[-1]["episode_return"],
             "regime_fractions": {

@@ -172,13 +172,17 @@ def step_log(
     the gradient) and ``h = learning_rate * scale``; for SGD and Adam, ``h`` is
     the learning rate and the norm is computed with :func:`rgc.global_norm`.
     """
-    states = optax.tree.get_all_with_path(
-        opt_state, "grad_norm", filtering=lambda _, v: isinstance(v, jax.Array)
-    )
+    # Found by type, not by name: a LayerNorm's "scale" parameter sits in
+    # Adam's moments under the same name.
+    states = [
+        s
+        for s in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, rgc.DeltaGClipState)
+        )
+        if isinstance(s, rgc.DeltaGClipState)
+    ]
     if states:
-        grad_norm = states[0][1]
-        scale = optax.tree.get(opt_state, "scale")
-        return grad_norm, learning_rate * scale
+        return states[0].grad_norm, learning_rate * states[0].scale
     return rgc.global_norm(grads), jnp.asarray(learning_rate, jnp.float32)
 
 
