@@ -40,7 +40,13 @@ import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
-from training_common import device_description, step_log, steps_per_call, write_json
+from training_common import (
+    device_description,
+    regime_fractions,
+    step_log,
+    steps_per_call,
+    write_json,
+)
 
 import rgclip_optax as rgc
 
@@ -276,11 +282,6 @@ def train_and_evaluate(args: argparse.Namespace, hp: dict[str, float]) -> dict:
     steps = {
         k: np.concatenate([o[k] for o in logs]) for k in ("loss", "grad_norm", "h")
     }
-    regime = np.asarray(
-        rgc.delta_gclip_regime(
-            steps["grad_norm"], hp.get("gamma", np.inf), hp.get("delta", 0.0)
-        )
-    )
     timed = args.steps - chunk
     return {
         "experiment": EXPERIMENT,
@@ -306,10 +307,10 @@ def train_and_evaluate(args: argparse.Namespace, hp: dict[str, float]) -> dict:
         "summary": {
             "final_val_bpc": evaluations[-1]["val_bpc"],
             "best_val_bpc": min(e["val_bpc"] for e in evaluations),
-            "regime_fractions": {
-                name: float(np.mean(regime == i))
-                for i, name in enumerate(("unclipped", "clipped", "floor"))
-            },
+            # SGD has no clipping: gamma = inf, every step "unclipped".
+            "regime_fractions": regime_fractions(
+                steps["grad_norm"], hp.get("gamma", np.inf), hp.get("delta", 0.0)
+            ),
         },
         "history": {
             "evaluations": evaluations,

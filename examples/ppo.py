@@ -38,7 +38,12 @@ import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
-from training_common import device_description, steps_per_call, write_json
+from training_common import (
+    device_description,
+    regime_fractions,
+    steps_per_call,
+    write_json,
+)
 
 import rgclip_optax as rgc
 
@@ -312,9 +317,6 @@ def train_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         cat["episodes"] > 0, cat["return_sum"] / np.maximum(cat["episodes"], 1), np.nan
     )
     delta = args.delta if args.optimizer == "delta_gclip_adam" else 0.0
-    regime = np.asarray(
-        rgc.delta_gclip_regime(cat["grad_norm"], args.max_grad_norm, delta)
-    )
     steps_per_update = args.num_steps * args.num_envs
     minibatch_steps = args.update_epochs * args.num_minibatches
     timed = num_updates - chunk  # the first chunk includes compilation
@@ -347,10 +349,9 @@ def train_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "summary": {
             "final_return": evaluations[-1]["episode_return"],
-            "regime_fractions": {
-                name: float(np.mean(regime == i))
-                for i, name in enumerate(("unclipped", "clipped", "floor"))
-            },
+            "regime_fractions": regime_fractions(
+                cat["grad_norm"], args.max_grad_norm, delta
+            ),
         },
         "history": {
             "evaluations": evaluations,

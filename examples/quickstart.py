@@ -34,6 +34,7 @@ import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
+from training_common import regime_fractions
 
 import rgclip_optax as rgc
 
@@ -159,19 +160,6 @@ def train(
         "grad_norm": norms.tolist(),
         "h": hs.tolist(),
     }
-
-
-REGIMES = ("unclipped", "clipped", "floor")
-
-
-def regime_fractions(
-    grad_norm: np.ndarray, gamma: float, delta: float
-) -> dict[str, float]:
-    """Fractions of steps with s = 1 (||g|| <= gamma), s = gamma/||g||, and
-    s = delta (gamma/||g|| < delta; never for GClip, delta = 0)."""
-    regime = np.asarray(rgc.delta_gclip_regime(np.asarray(grad_norm), gamma, delta))
-    n = max(regime.size, 1)
-    return {name: float(np.sum(regime == i) / n) for i, name in enumerate(REGIMES)}
 
 
 def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> None:

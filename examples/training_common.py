@@ -186,6 +186,18 @@ def step_log(
     return rgc.global_norm(grads), jnp.asarray(learning_rate, jnp.float32)
 
 
+REGIMES = ("unclipped", "clipped", "floor")
+
+
+def regime_fractions(grad_norm: Any, gamma: float, delta: float) -> dict[str, float]:
+    """Fractions of steps whose clipping factor was 1 (``||g|| <= gamma``),
+    ``gamma / ||g||``, and ``delta`` (the floor; never for ``delta = 0``),
+    from a log of gradient norms (:func:`rgc.delta_gclip_regime`)."""
+    regime = np.asarray(rgc.delta_gclip_regime(np.asarray(grad_norm), gamma, delta))
+    n = max(regime.size, 1)
+    return {name: float(np.sum(regime == i) / n) for i, name in enumerate(REGIMES)}
+
+
 def steps_per_call(steps_per_epoch: int, at_most: int) -> int:
     """The largest divisor of the epoch's step count that is <= ``at_most``."""
     return max(

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_quickstart():
+    sys.path.insert(0, str(ROOT / "examples"))  # as when run as a script
     spec = importlib.util.spec_from_file_location(
         "quickstart", ROOT / "examples" / "quickstart.py"
     )
