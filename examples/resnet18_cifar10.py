@@ -48,10 +48,12 @@ import optax
 from data_loaders import DatasetError, load_cifar10
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 from training_common import (
     TORCH_KERNEL_INIT,
+    StepLog,
     add_common_args,
-    fit,
+    epoch_batches,
     learning_rate_schedule,
     make_optimizer,
     plot_run,
@@ -190,15 +192,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
     return args, resolve_hyperparameters(parser, args, DEFAULTS)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, hp = parse_args(argv)
-    try:
-        data = load_cifar10(args.data_dir)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.train_subset is not None:
-        data["x_train"] = data["x_train"][: args.train_subset]
-        data["y_train"] = data["y_train"][: args.train_subset]
+def train_and_evaluate(
+    args: argparse.Namespace, hp: dict[str, float], data: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], optax.Schedule]:
+    """Trains ``args.epochs`` epochs, evaluating after each (epoch 0 is the
+    initialization); returns the run's record and the learning-rate schedule."""
     n_train = len(data["x_train"])
     n_dev = jax.local_device_count()
     if args.batch_size % n_dev:
@@ -315,17 +313,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     carry = (params, batch_stats, tx.init(params), jnp.zeros([], jnp.int32))
-    carry, history = fit(
-        carry,
-        epochs=args.epochs,
-        n_train=n_train,
-        batch_size=args.batch_size,
-        chunk=chunk,
-        seed=args.seed,
-        train_chunk=train_chunk,
-        evaluate=evaluate,
+    # The loop: each epoch a fresh permutation, jitted chunks of steps, then
+    # an evaluation (epoch 0 is the initialization).
+    log = StepLog()
+    metrics = [{"epoch": 0, **evaluate(carry)}]
+    with tqdm(
+        total=args.epochs * steps_per_epoch,
         desc=f"{args.optimizer} s{args.seed}",
-    )
+        unit="step",
+        mininterval=1.0,
+    ) as bar:
+        for epoch in range(1, args.epochs + 1):
+            batches = epoch_batches(args.seed, epoch, n_train, args.batch_size)
+            for first in range(0, steps_per_epoch, chunk):
+                carry, logs = log.run(
+                    train_chunk, carry, batches[first : first + chunk]
+                )
+                bar.update(chunk)
+                bar.set_postfix(loss=f"{float(np.mean(logs['loss'])):.4g}")
+            metrics.append({"epoch": epoch, **evaluate(carry)})
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in metrics[-1].items() if k != "epoch"}
+            )
+    history = log.history(metrics)
     accs = [m["test_accuracy"] for m in history["epochs"][1:]]
     summary = {
         "final_train_loss": history["epochs"][-1]["train_loss"],
@@ -334,6 +344,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_test_accuracy": max(accs),
     }
     record = run_record(EXPERIMENT, args, hp, data, summary, history)
+    return record, schedule
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, hp = parse_args(argv)
+    try:
+        data = load_cifar10(args.data_dir)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.train_subset is not None:
+        data["x_train"] = data["x_train"][: args.train_subset]
+        data["y_train"] = data["y_train"][: args.train_subset]
+    record, schedule = train_and_evaluate(args, hp, data)
     write_json(args.out / "metrics.json", record)
     if not args.no_plot:
         plot_run(

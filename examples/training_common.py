@@ -4,9 +4,10 @@
   ``--delta``, ``--epochs``, ``--batch-size``, ``--seed``, ``--schedule``,
   ``--data-dir``, ``--out``) with per-optimizer defaults;
 * the optimizers and the step-decay schedule;
-* the epoch loop: jitted chunks of steps under a tqdm bar, evaluation after
-  every epoch (epoch 0 is the initialization), per-step ``grad_norm`` and
-  step size ``h``;
+* the plumbing of the epoch loops (each example owns its loop): the epoch's
+  batches, the per-step ``loss``, ``grad_norm`` and step size ``h`` gathered
+  from jitted chunks, with their timing (:class:`StepLog`);
+* the regime fractions of a log of gradient norms;
 * the JSON record and the PNG plots.
 """
 
@@ -26,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import rgclip_optax as rgc
 
@@ -221,85 +221,58 @@ def device_description() -> dict[str, Any]:
     }
 
 
-def fit(
-    carry: Any,
-    *,
-    epochs: int,
-    n_train: int,
-    batch_size: int,
-    chunk: int,
-    seed: int,
-    train_chunk: Callable[[Any, np.ndarray], tuple[Any, dict[str, jax.Array]]],
-    evaluate: Callable[[Any], dict[str, float]],
-    desc: str,
-) -> tuple[Any, dict[str, Any]]:
-    """Trains ``epochs`` epochs in chunks of steps and evaluates after each.
+def epoch_batches(seed: int, epoch: int, n_train: int, batch_size: int) -> np.ndarray:
+    """``(steps, batch_size)`` example indices of one epoch: a fresh permutation
+    seeded by ``(seed, epoch)``, so runs are reproducible; the last partial
+    batch is dropped."""
+    order = np.random.default_rng((seed, epoch)).permutation(n_train)
+    steps = n_train // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size)
 
-    Every epoch visits a fresh permutation of the training set (seeded by
-    ``seed`` and the epoch, so runs are reproducible); the last partial batch
-    is dropped.
 
-    Args:
-      carry: the training state (params, optimizer state, ...).
-      epochs: epochs to train.
-      n_train: training examples.
-      batch_size: examples per step.
-      chunk: steps per call of ``train_chunk``; divides the steps per epoch.
-      seed: the shuffling seed.
-      train_chunk: ``(carry, batch_indices) -> (carry, logs)``, with
-        ``batch_indices`` of shape ``(chunk, batch_size)`` and ``logs`` mapping
-        ``loss``, ``grad_norm`` and ``h`` to arrays of ``chunk``.
-      evaluate: ``carry -> {metric: value}``, run at epoch 0 and after each
-        epoch's training.
-      desc: the progress bar's label.
+class StepLog:
+    """Per-step logs (``loss``, ``grad_norm``, ``h``) and training wall time,
+    gathered from jitted chunks of steps; the first chunk, which compiles, is
+    timed apart. The loop that calls it stays in the example."""
 
-    Returns:
-      The final carry and a history: per-epoch metrics (epoch 0 first), the
-      per-step logs, wall times and the compile time of the first chunk.
-    """
-    metrics = [{"epoch": 0, **evaluate(carry)}]
-    steps: dict[str, list[np.ndarray]] = {"loss": [], "grad_norm": [], "h": []}
-    train_seconds = 0.0
-    compile_seconds = 0.0
-    start = time.perf_counter()
-    steps_per_epoch = n_train // batch_size
-    with tqdm(
-        total=epochs * steps_per_epoch, desc=desc, unit="step", mininterval=1.0
-    ) as bar:
-        for epoch in range(1, epochs + 1):
-            order = np.random.default_rng((seed, epoch)).permutation(n_train)
-            batches = order[: steps_per_epoch * batch_size].reshape(
-                steps_per_epoch, batch_size
-            )
-            for first in range(0, steps_per_epoch, chunk):
-                t0 = time.perf_counter()
-                carry, logs = train_chunk(carry, batches[first : first + chunk])
-                logs = jax.device_get(logs)  # also waits for the chunk
-                elapsed = time.perf_counter() - t0
-                if epoch == 1 and first == 0:
-                    compile_seconds = elapsed
-                else:
-                    train_seconds += elapsed
-                for key in steps:
-                    steps[key].append(np.asarray(logs[key], np.float64))
-                bar.update(chunk)
-                bar.set_postfix(loss=f"{float(np.mean(logs['loss'])):.4g}")
-            metrics.append({"epoch": epoch, **evaluate(carry)})
-            bar.set_postfix(
-                loss=f"{float(np.mean(steps['loss'][-1])):.4g}",
-                **{k: f"{v:.4g}" for k, v in metrics[-1].items() if k != "epoch"},
-            )
-    timed_steps = epochs * steps_per_epoch - chunk
-    history = {
-        "epochs": metrics,
-        "steps": {k: np.concatenate(v).tolist() for k, v in steps.items()},
-        "wall_seconds": time.perf_counter() - start,
-        "first_chunk_seconds": compile_seconds,
-        "train_steps_per_second": timed_steps / train_seconds
-        if timed_steps > 0 and train_seconds > 0
-        else None,
-    }
-    return carry, history
+    KEYS = ("loss", "grad_norm", "h")
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[np.ndarray]] = {k: [] for k in self.KEYS}
+        self.start = time.perf_counter()
+        self.first_chunk_seconds: float | None = None
+        self.train_seconds = 0.0
+        self.timed_steps = 0
+
+    def run(self, train_chunk: Callable[..., Any], *args: Any) -> tuple[Any, dict]:
+        """Calls ``train_chunk(*args) -> (carry, logs)``, waits for it, records
+        its logs and time, and returns ``(carry, logs)`` on the host."""
+        t0 = time.perf_counter()
+        carry, logs = train_chunk(*args)
+        logs = jax.device_get(logs)  # also waits for the chunk
+        elapsed = time.perf_counter() - t0
+        n = len(logs["loss"])
+        if self.first_chunk_seconds is None:
+            self.first_chunk_seconds = elapsed
+        else:
+            self.train_seconds += elapsed
+            self.timed_steps += n
+        for key in self.KEYS:
+            self.steps[key].append(np.asarray(logs[key], np.float64))
+        return carry, logs
+
+    def history(self, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The run's history: per-epoch metrics (epoch 0 first), the per-step
+        logs, wall times and the steps per second after compilation."""
+        return {
+            "epochs": epochs,
+            "steps": {k: np.concatenate(v).tolist() for k, v in self.steps.items()},
+            "wall_seconds": time.perf_counter() - self.start,
+            "first_chunk_seconds": self.first_chunk_seconds,
+            "train_steps_per_second": self.timed_steps / self.train_seconds
+            if self.timed_steps and self.train_seconds > 0
+            else None,
+        }
 
 
 def run_record(

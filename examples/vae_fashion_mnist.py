@@ -31,12 +31,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from data_loaders import FASHION_MNIST_DIR, DatasetError, load_fashion_mnist
 from flax import nnx
+from tqdm import tqdm
 from training_common import (
     TORCH_KERNEL_INIT,
+    StepLog,
     add_common_args,
-    fit,
+    epoch_batches,
     learning_rate_schedule,
     make_optimizer,
     plot_run,
@@ -119,12 +122,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
     return args, resolve_hyperparameters(parser, args, DEFAULTS)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args, hp = parse_args(argv)
-    try:
-        data = load_fashion_mnist(args.data_dir)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+def train_and_evaluate(
+    args: argparse.Namespace, hp: dict[str, float], data: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], optax.Schedule]:
+    """Trains ``args.epochs`` epochs, evaluating after each (epoch 0 is the
+    initialization); returns the run's record and the learning-rate schedule."""
     n_train = len(data["x_train"])
     steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
@@ -181,17 +183,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     carry = (params, tx.init(params), jnp.zeros([], jnp.int32))
-    carry, history = fit(
-        carry,
-        epochs=args.epochs,
-        n_train=n_train,
-        batch_size=args.batch_size,
-        chunk=chunk,
-        seed=args.seed,
-        train_chunk=train_chunk,
-        evaluate=evaluate,
+    # The loop: each epoch a fresh permutation, jitted chunks of steps, then
+    # an evaluation (epoch 0 is the initialization).
+    log = StepLog()
+    metrics = [{"epoch": 0, **evaluate(carry)}]
+    with tqdm(
+        total=args.epochs * steps_per_epoch,
         desc=f"{args.optimizer} s{args.seed}",
-    )
+        unit="step",
+        mininterval=1.0,
+    ) as bar:
+        for epoch in range(1, args.epochs + 1):
+            batches = epoch_batches(args.seed, epoch, n_train, args.batch_size)
+            for first in range(0, steps_per_epoch, chunk):
+                carry, logs = log.run(
+                    train_chunk, carry, batches[first : first + chunk]
+                )
+                bar.update(chunk)
+                bar.set_postfix(loss=f"{float(np.mean(logs['loss'])):.4g}")
+            metrics.append({"epoch": epoch, **evaluate(carry)})
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in metrics[-1].items() if k != "epoch"}
+            )
+    history = log.history(metrics)
     test = [m["test_loss"] for m in history["epochs"][1:]]
     summary = {
         "final_train_loss": history["epochs"][-1]["train_loss"],
@@ -201,6 +215,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else float("nan"),
     }
     record = run_record(EXPERIMENT, args, hp, data, summary, history)
+    return record, schedule
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, hp = parse_args(argv)
+    try:
+        data = load_fashion_mnist(args.data_dir)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    record, schedule = train_and_evaluate(args, hp, data)
     write_json(args.out / "metrics.json", record)
     if not args.no_plot:
         plot_run(
