@@ -143,6 +143,17 @@ EXPERIMENTS = {
         curve_panels=(("train_loss",), ("test_accuracy",)),
         log_scale=False,
     ),
+    "vit": Experiment(
+        script="examples/vit_cifar10.py",
+        title="ViT on CIFAR-10 (64x64 inputs, random resized crops)",
+        metrics=(
+            ("train_loss", "train loss", False),
+            ("test_loss", "test loss", False),
+            ("test_accuracy", "test accuracy", True),
+        ),
+        curve_panels=(("train_loss",), ("test_accuracy",)),
+        log_scale=False,
+    ),
     **{
         f"ppo_{env.split('-')[0].lower()}": Experiment(
             script="examples/ppo.py",

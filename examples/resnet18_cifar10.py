@@ -56,11 +56,13 @@ from training_common import (
     epoch_batches,
     learning_rate_schedule,
     make_optimizer,
+    padded_batches,
     plot_run,
     resolve_hyperparameters,
     run_record,
     step_log,
     steps_per_call,
+    steps_per_epoch,
     torch_bias_init,
     write_json,
 )
@@ -199,23 +201,13 @@ def train_and_evaluate(
     initialization); returns the run's record and the learning-rate schedule."""
     n_train = len(data["x_train"])
     n_dev = jax.local_device_count()
-    if args.batch_size % n_dev:
-        raise SystemExit(
-            f"error: --batch-size={args.batch_size} must be a multiple of the "
-            f"{n_dev} local devices it is split over"
-        )
-    steps_per_epoch = n_train // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: --batch-size={args.batch_size} exceeds the {n_train} training "
-            "images"
-        )
-    chunk = steps_per_call(steps_per_epoch, args.steps_per_call)
+    steps = steps_per_epoch(n_train, args.batch_size, n_dev)
+    chunk = steps_per_call(steps, args.steps_per_call)
     schedule = learning_rate_schedule(
         hp["learning_rate"],
         schedule=args.schedule,
         epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps,
     )
     tx = make_optimizer(args.optimizer, hp, schedule)
 
@@ -287,12 +279,7 @@ def train_and_evaluate(
     ) -> tuple[float, float]:
         batch = EVAL_BATCH - EVAL_BATCH % n_dev
         loss_sum, correct = 0.0, 0.0
-        for i in range(0, len(images), batch):
-            xb, yb = images[i : i + batch], labels[i : i + batch]
-            pad = batch - len(xb)  # the last batch is padded and masked
-            weight = np.r_[np.ones(len(xb)), np.zeros(pad)].astype(np.float32)
-            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+        for xb, yb, weight in padded_batches(images, labels, batch):
             ls, c = eval_batch(p, stats, xb, yb, weight)
             loss_sum, correct = loss_sum + float(ls), correct + float(c)
         return loss_sum / len(images), correct / len(images)
@@ -318,14 +305,14 @@ def train_and_evaluate(
     log = StepLog()
     metrics = [{"epoch": 0, **evaluate(carry)}]
     with tqdm(
-        total=args.epochs * steps_per_epoch,
+        total=args.epochs * steps,
         desc=f"{args.optimizer} s{args.seed}",
         unit="step",
         mininterval=1.0,
     ) as bar:
         for epoch in range(1, args.epochs + 1):
             batches = epoch_batches(args.seed, epoch, n_train, args.batch_size)
-            for first in range(0, steps_per_epoch, chunk):
+            for first in range(0, steps, chunk):
                 carry, logs = log.run(
                     train_chunk, carry, batches[first : first + chunk]
                 )

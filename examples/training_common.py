@@ -19,7 +19,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +150,20 @@ def learning_rate_schedule(
 def make_optimizer(
     name: str, hp: Mapping[str, Any], learning_rate: Any = None
 ) -> optax.GradientTransformation:
-    """The optimizer ``name`` with hyperparameters ``hp`` (lr may be a schedule)."""
+    """The optimizer ``name`` with hyperparameters ``hp`` (lr may be a schedule).
+
+    ``hp["weight_decay"]``, where given, is PyTorch's ``weight_decay``: L2
+    added to the gradient (for δ-GClip and GClip, added after the norm is
+    taken, as the library's ``weight_decay`` does)."""
     lr = hp["learning_rate"] if learning_rate is None else learning_rate
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "adam":
-        return optax.adam(lr)
+    wd = hp.get("weight_decay", 0.0)
+    if name in ("sgd", "adam"):
+        base = optax.sgd(lr) if name == "sgd" else optax.adam(lr)
+        return optax.chain(optax.add_decayed_weights(wd), base) if wd else base
     if name == "gclip":
-        return rgc.gclip(lr, hp["gamma"])
+        return rgc.gclip(lr, hp["gamma"], weight_decay=wd)
     if name == "delta_gclip":
-        return rgc.delta_gclip(lr, hp["gamma"], hp["delta"])
+        return rgc.delta_gclip(lr, hp["gamma"], hp["delta"], weight_decay=wd)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
@@ -219,6 +223,35 @@ def device_description() -> dict[str, Any]:
         "jax": jax.__version__,
         "optax": optax.__version__,
     }
+
+
+def steps_per_epoch(n_train: int, batch_size: int, devices: int = 1) -> int:
+    """Full batches per epoch; exits with a message when the batch does not
+    split over ``devices`` or exceeds the training set."""
+    if batch_size % devices:
+        raise SystemExit(
+            f"error: --batch-size={batch_size} must be a multiple of the "
+            f"{devices} local devices it is split over"
+        )
+    if n_train < batch_size:
+        raise SystemExit(
+            f"error: --batch-size={batch_size} exceeds the {n_train} training images"
+        )
+    return n_train // batch_size
+
+
+def padded_batches(
+    images: np.ndarray, labels: np.ndarray, batch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(images, labels, weight)`` batches of exactly ``batch`` examples for
+    evaluation: the last is zero-padded, with weight 0 on the padding."""
+    for i in range(0, len(images), batch):
+        xb, yb = images[i : i + batch], labels[i : i + batch]
+        pad = batch - len(xb)
+        weight = np.r_[np.ones(len(xb)), np.zeros(pad)].astype(np.float32)
+        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+        yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+        yield xb, yb, weight
 
 
 def epoch_batches(seed: int, epoch: int, n_train: int, batch_size: int) -> np.ndarray:

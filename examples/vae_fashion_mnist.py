@@ -47,6 +47,7 @@ from training_common import (
     run_record,
     step_log,
     steps_per_call,
+    steps_per_epoch,
     torch_bias_init,
     write_json,
 )
@@ -128,18 +129,13 @@ def train_and_evaluate(
     """Trains ``args.epochs`` epochs, evaluating after each (epoch 0 is the
     initialization); returns the run's record and the learning-rate schedule."""
     n_train = len(data["x_train"])
-    steps_per_epoch = n_train // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: --batch-size={args.batch_size} exceeds the {n_train} training "
-            "images"
-        )
-    chunk = steps_per_call(steps_per_epoch, args.steps_per_call)
+    steps = steps_per_epoch(n_train, args.batch_size)
+    chunk = steps_per_call(steps, args.steps_per_call)
     schedule = learning_rate_schedule(
         hp["learning_rate"],
         schedule=args.schedule,
         epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps,
     )
     tx = make_optimizer(args.optimizer, hp, schedule)
 
@@ -188,14 +184,14 @@ def train_and_evaluate(
     log = StepLog()
     metrics = [{"epoch": 0, **evaluate(carry)}]
     with tqdm(
-        total=args.epochs * steps_per_epoch,
+        total=args.epochs * steps,
         desc=f"{args.optimizer} s{args.seed}",
         unit="step",
         mininterval=1.0,
     ) as bar:
         for epoch in range(1, args.epochs + 1):
             batches = epoch_batches(args.seed, epoch, n_train, args.batch_size)
-            for first in range(0, steps_per_epoch, chunk):
+            for first in range(0, steps, chunk):
                 carry, logs = log.run(
                     train_chunk, carry, batches[first : first + chunk]
                 )
