@@ -540,8 +540,9 @@ def plot(found: dict[Cell, dict], path: Path) -> None:
     fig, axes = plt.subplots(
         len(problems_),
         len(depths),
-        figsize=(6.5 * len(depths), 0.45 * 12 * len(problems_) + 1.5),
+        figsize=(6.5 * len(depths), 0.5 * 12 * len(problems_) + 1.5),
         squeeze=False,
+        constrained_layout=True,
     )
     deltas = next(iter(found.values()))["settings"]["deltas"]
     image = None
