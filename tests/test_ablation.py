@@ -71,7 +71,19 @@ def test_quick_grid_table_is_written_from_the_run_files(tmp_path):
     by_delta = {r["delta"]: r for r in theory["runs"]}
     assert by_delta[0.1]["regime_fractions"]["floor"] > 0.5
     assert by_delta[0.1]["final_loss"] < 0.9 * by_delta[0.0]["final_loss"]
-    assert re.search(r"\| 0 \(GClip\) \| 4/4 \|", md)
+    assert re.search(r"\| 0 \(GClip\) \| 4/4 \| 0/4 \| \+0\.00 \|", md)
+    # The summary's gain for δ=0.1 is the median over cells of
+    # log10(GClip's ratio / δ's ratio), from the files.
+    gains = []
+    for path in files:
+        runs_ = {r["delta"]: r for r in json.loads(path.read_text())["runs"]}
+        gains.append(
+            np.log10(
+                runs_[0.0]["final_over_initial"] / runs_[0.1]["final_over_initial"]
+            )
+        )
+    row = next(line for line in md.splitlines() if line.startswith("| 0.1 |"))
+    assert row.split("|")[4].strip() == f"{np.median(gains):+.2f}"
 
     # Resuming: finished cells are not rerun; a stale one is.
     mtimes = {p: p.stat().st_mtime_ns for p in files}
