@@ -524,7 +524,9 @@ def write_markdown(args: argparse.Namespace, found: dict[Cell, dict]) -> str:
         f"- **Cells:** {len(found)}, each {len(deltas)} δ x the seeds in its "
         f"row, all δ of a seed from one initialization; {wall / 60:.1f} min of "
         "cell time in all (cells ran in parallel)",
-        "- **Command:** `python benchmarks/ablation.py " + shlex.join(args.argv) + "`",
+        "- **Command:** `python benchmarks/ablation.py "
+        + shlex.join(a for a in args.argv if a != "--gather-only")
+        + "`",
         f"- **Reading the tables:** median over seeds of final/initial loss (runs "
         f"that diverged left out, and counted as `div k/n`); steps to reach "
         f"{THRESHOLD:g} x the initial loss (median, `-` when most seeds did "
