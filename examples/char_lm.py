@@ -41,7 +41,9 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 from training_common import (
+    check_positive_ints,
     device_description,
+    override_hyperparameters,
     regime_fractions,
     step_log,
     steps_per_call,
@@ -395,33 +397,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, fl
     p.add_argument("--out", type=Path, default=Path("runs/char_lm"))
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
-    for flag in (
-        "steps", "batch_size", "context", "width", "layers", "heads", "eval_every",
-        "eval_windows", "steps_per_call",
-    ):  # fmt: skip
-        if getattr(args, flag) < 1:
-            p.error(
-                f"--{flag.replace('_', '-')} must be a positive integer, "
-                f"got {getattr(args, flag)}"
-            )
+    check_positive_ints(
+        p,
+        args,
+        ("steps", "batch_size", "context", "width", "layers", "heads",
+         "eval_every", "eval_windows", "steps_per_call"),
+    )  # fmt: skip
     if args.warmup < 0 or args.warmup >= args.steps:
         p.error(f"--warmup must be in [0, --steps={args.steps}), got {args.warmup}")
     if args.width % args.heads:
         p.error(f"--heads={args.heads} must divide --width={args.width}")
     if args.steps % args.eval_every:
         p.error(f"--eval-every={args.eval_every} must divide --steps={args.steps}")
-    hp = dict(DEFAULTS[args.optimizer])
-    for key in ("learning_rate", "gamma", "delta", "weight_decay"):
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if key not in hp:
-            p.error(
-                f"--{key.replace('_', '-')}={value} does not apply to "
-                f"--optimizer={args.optimizer}; it takes "
-                + ", ".join(f"--{k.replace('_', '-')}" for k in hp)
-            )
-        hp[key] = value
+    hp = override_hyperparameters(
+        p, args, DEFAULTS, ("learning_rate", "gamma", "delta", "weight_decay")
+    )
     if not hp["learning_rate"] > 0:
         p.error(f"--learning-rate must be > 0, got {hp['learning_rate']}")
     try:  # the library's checks name the parameter and the allowed range

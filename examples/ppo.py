@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 from training_common import (
+    check_positive_ints,
     device_description,
     regime_fractions,
     steps_per_call,
@@ -459,20 +460,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/ppo"))
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
-    for flag in (
-        "num_envs",
-        "num_steps",
-        "update_epochs",
-        "num_minibatches",
-        "hidden",
-        "updates_per_call",
-        "total_timesteps",
-    ):
-        if getattr(args, flag) < 1:
-            p.error(
-                f"--{flag.replace('_', '-')} must be a positive integer, "
-                f"got {getattr(args, flag)}"
-            )
+    check_positive_ints(
+        p,
+        args,
+        ("num_envs", "num_steps", "update_epochs", "num_minibatches", "hidden",
+         "updates_per_call", "total_timesteps"),
+    )  # fmt: skip
     if args.total_timesteps < args.num_steps * args.num_envs:
         p.error(
             f"--total-timesteps={args.total_timesteps} is less than one rollout "

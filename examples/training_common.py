@@ -19,7 +19,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +104,30 @@ def add_common_args(
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
 
 
-def resolve_hyperparameters(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: Defaults
+def check_positive_ints(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, flags: Sequence[str]
+) -> None:
+    """Exits with ``--flag must be a positive integer, got N`` for the first
+    of ``flags`` (attribute names) below 1."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')} must be a positive integer, got "
+                f"{getattr(args, flag)}"
+            )
+
+
+def override_hyperparameters(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    defaults: Defaults,
+    keys: Sequence[str] = ("learning_rate", "gamma", "delta"),
 ) -> dict[str, float]:
-    """Fills unset hyperparameters from the optimizer's defaults; checks them."""
+    """The optimizer's default hyperparameters, with the flags among ``keys``
+    that were given; a flag the optimizer does not take exits with a message."""
     name = args.optimizer
     hp = dict(defaults[name])
-    for key in ("learning_rate", "gamma", "delta"):
+    for key in keys:
         value = getattr(args, key)
         if value is None:
             continue
@@ -121,14 +138,17 @@ def resolve_hyperparameters(
                 + ", ".join(f"--{k.replace('_', '-')}" for k in hp)
             )
         hp[key] = value
-    for flag in ("epochs", "batch_size", "steps_per_call"):
-        if getattr(args, flag) < 1:
-            parser.error(
-                f"--{flag.replace('_', '-')} must be a positive integer, got "
-                f"{getattr(args, flag)}"
-            )
+    return hp
+
+
+def resolve_hyperparameters(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: Defaults
+) -> dict[str, float]:
+    """Fills unset hyperparameters from the optimizer's defaults; checks them."""
+    hp = override_hyperparameters(parser, args, defaults)
+    check_positive_ints(parser, args, ("epochs", "batch_size", "steps_per_call"))
     try:  # the library's own checks name the parameter and the allowed range
-        make_optimizer(name, hp)
+        make_optimizer(args.optimizer, hp)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     return hp
