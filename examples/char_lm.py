@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 from training_common import (
+    StepLog,
     check_positive_ints,
     device_description,
     override_hyperparameters,
@@ -255,23 +255,16 @@ def train_and_evaluate(args: argparse.Namespace, hp: dict[str, float]) -> dict:
     evaluations: list[dict[str, Any]] = [
         {"step": 0, "val_bpc": float(val_bpc(params)), "train_bpc": None}
     ]
-    logs: list[dict[str, np.ndarray]] = []
-    start = time.perf_counter()
-    compile_seconds = 0.0
+    log = StepLog()
     with tqdm(
         total=args.steps, desc=f"{args.optimizer} s{args.seed}", unit="step"
     ) as bar:
         for first in range(0, args.steps, chunk):
-            t0 = time.perf_counter()
-            carry, out = train_chunk(carry, jnp.arange(first, first + chunk))
-            out = jax.device_get(out)
-            if first == 0:
-                compile_seconds = time.perf_counter() - t0
-            logs.append(out)
+            carry, _ = log.run(train_chunk, carry, jnp.arange(first, first + chunk))
             bar.update(chunk)
             done = first + chunk
             if done % args.eval_every == 0 or done == args.steps:
-                recent = np.concatenate([o["loss"] for o in logs])[-args.eval_every :]
+                recent = np.concatenate(log.steps["loss"])[-args.eval_every :]
                 evaluations.append(
                     {
                         "step": done,
@@ -280,11 +273,7 @@ def train_and_evaluate(args: argparse.Namespace, hp: dict[str, float]) -> dict:
                     }
                 )
                 bar.set_postfix(val_bpc=f"{evaluations[-1]['val_bpc']:.3f}")
-    wall = time.perf_counter() - start
-    steps = {
-        k: np.concatenate([o[k] for o in logs]) for k in ("loss", "grad_norm", "h")
-    }
-    timed = args.steps - chunk
+    history = log.history(evaluations, key="evaluations")
     return {
         "experiment": EXPERIMENT,
         "hyperparameters": {**vars(args), **hp, "params": count_params(model)},
@@ -311,18 +300,12 @@ def train_and_evaluate(args: argparse.Namespace, hp: dict[str, float]) -> dict:
             "best_val_bpc": min(e["val_bpc"] for e in evaluations),
             # SGD has no clipping: gamma = inf, every step "unclipped".
             "regime_fractions": regime_fractions(
-                steps["grad_norm"], hp.get("gamma", np.inf), hp.get("delta", 0.0)
+                history["steps"]["grad_norm"],
+                hp.get("gamma", np.inf),
+                hp.get("delta", 0.0),
             ),
         },
-        "history": {
-            "evaluations": evaluations,
-            "steps": {k: v.astype(np.float64).tolist() for k, v in steps.items()},
-            "wall_seconds": wall,
-            "first_chunk_seconds": compile_seconds,
-            "train_steps_per_second": timed / (wall - compile_seconds)
-            if timed
-            else None,
-        },
+        "history": history,
     }
 
 

@@ -314,11 +314,14 @@ class StepLog:
             self.steps[key].append(np.asarray(logs[key], np.float64))
         return carry, logs
 
-    def history(self, epochs: list[dict[str, Any]]) -> dict[str, Any]:
-        """The run's history: per-epoch metrics (epoch 0 first), the per-step
-        logs, wall times and the steps per second after compilation."""
+    def history(
+        self, evaluations: list[dict[str, Any]], key: str = "epochs"
+    ) -> dict[str, Any]:
+        """The run's history: the evaluations under ``key`` (per-epoch metrics,
+        epoch 0 first, for the epoch examples), the per-step logs, wall times
+        and the training steps per second after compilation."""
         return {
-            "epochs": epochs,
+            key: evaluations,
             "steps": {k: np.concatenate(v).tolist() for k, v in self.steps.items()},
             "wall_seconds": time.perf_counter() - self.start,
             "first_chunk_seconds": self.first_chunk_seconds,
