@@ -6,7 +6,10 @@ Where to find things:
   :class:`DeltaGClipState`);
 * the norm: ``_norm.py`` (:func:`global_norm`), and the form XLA:CPU is
   given instead: ``_xla_cpu.py``;
-* the optimizers: ``_alias.py`` (:func:`delta_gclip`, :func:`gclip`);
+* the whole-step skip and single rounding around a chain:
+  ``_skip_and_round.py`` (:func:`skip_and_round`);
+* the optimizers, chains of the above: ``_alias.py`` (:func:`delta_gclip`,
+  :func:`gclip`);
 * hyperparameter and gradient-tree checks: ``_validation.py``;
 * the bit-mask selects of skipped steps: ``_select.py``.
 """
@@ -19,6 +22,7 @@ from rgclip_optax._delta_gclip import (
     scale_by_delta_gclip,
 )
 from rgclip_optax._norm import global_norm
+from rgclip_optax._skip_and_round import skip_and_round
 
 __version__ = "0.1.0"
 
@@ -30,4 +34,5 @@ __all__ = [
     "gclip",
     "global_norm",
     "scale_by_delta_gclip",
+    "skip_and_round",
 ]

@@ -1,12 +1,14 @@
 """Full optimizers: ``delta_gclip`` and ``gclip``.
 
-Each is a chain in the style of ``optax.sgd``: the δ-GClip rule, optional
-momentum, then ``optax.scale_by_learning_rate``, so any optax schedule works
-as the learning rate. A step whose gradient is not finite is skipped as a
-whole: the updates are zero and every piece of state after the rule (the
-momentum, the schedule's step count) is held as it was, as
-``optax.apply_if_finite`` does, but reusing the finiteness flag that the norm
-already computed.
+Each is a chain of public parts in the style of ``optax.sgd``:
+
+    skip_and_round(chain(scale_by_delta_gclip(..., wide_updates=True), [trace],
+                         scale_by_learning_rate))
+
+so any optax schedule works as the learning rate, a step whose gradient is not
+finite is skipped as a whole, and a low-precision update is rounded once. With
+momentum, ``_with_momentum`` computes that chain with the trace held in the
+same pass, which is faster on XLA:CPU.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import jax.numpy as jnp
 import optax
 
 from rgclip_optax import _validation
-from rgclip_optax._delta_gclip import DeltaGClipState, _make_scale_by_delta_gclip
+from rgclip_optax._delta_gclip import scale_by_delta_gclip
 from rgclip_optax._norm import AxisName
-from rgclip_optax._select import select, zero_where
+from rgclip_optax._select import zero_where
+from rgclip_optax._skip_and_round import hold_state, skip_and_round
 
 
 def _cast_like(new: Any, old: Any) -> Any:
@@ -34,24 +37,26 @@ def _cast_like(new: Any, old: Any) -> Any:
     )
 
 
-def _hold(skipped: jax.Array, new: Any, old: Any) -> Any:
-    """``old`` where the step was skipped, else ``new`` (cast to old's dtypes)."""
-    return jax.tree.map(lambda n, o: select(skipped, o, n.astype(o.dtype)), new, old)
-
-
-def _alias(
+def _with_momentum(
     rule: optax.GradientTransformation,
-    momentum: chex.Numeric | None,
+    momentum: chex.Numeric,
     nesterov: bool,
     learning_rate: optax.ScalarOrSchedule,
-    *,
-    skip_nonfinite: bool,
 ) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(rule, [optax.trace], scale_by_learning_rate)``, with
-    stable dtypes and whole-step skips.
+    """``skip_and_round(optax.chain(rule, optax.trace(momentum, nesterov),
+    scale_by_learning_rate))``, with the trace held in the same pass.
 
-    The state is that chain's state, so checkpoints and ``optax.tree.get``
-    see the usual ``TraceState`` and schedule count.
+    In float32 its results are those of that chain of public parts up to XLA's
+    rounding of a differently fused program (tested), and a held -0 in the
+    trace may come back as +0; in
+    lower precision the update reads the trace as stored (rounded to the
+    parameters' dtype), as ``optax.sgd`` does. The state is that chain's state,
+    so checkpoints and ``optax.tree.get`` see the usual ``TraceState`` and
+    schedule count. It exists for speed: :func:`skip_and_round` holds a
+    skipped step's state with a select between the old and the new trace, and
+    the update reads the new trace, computed from the old one; XLA:CPU
+    (jax 0.10.2) then copies every momentum buffer before the held trace is
+    written in place (tests/test_xla_lowering.py).
 
     * Dtypes: the rule hands its updates on in float32 (momentum and learning
       rate are applied at that precision), and they are cast here, once, to
@@ -69,51 +74,47 @@ def _alias(
       momentum buffer first (42.7 MB of temporaries for a float32 ResNet-18
       on XLA:CPU). The other selects are bit masks (see ``_select``).
     """
-    parts = [rule]  # for the state's structure; update_fn runs the links itself
-    if momentum is not None:
-        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    trace_link = optax.trace(decay=momentum, nesterov=nesterov)
     lr = optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
-    parts.append(lr)
-    init_fn = optax.chain(*parts).init
+    # For the state's structure; update_fn runs the links itself.
+    init_fn = optax.chain(rule, trace_link, lr).init
 
     def update_fn(
         updates: Any, state: tuple[Any, ...], params: Any = None, **extra_args: Any
     ) -> tuple[Any, tuple[Any, ...]]:
-        rule_old: DeltaGClipState = state[0]
+        rule_old, trace_old, lr_old = state
         u, rule_new = rule.update(updates, rule_old, params)
         skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
-        if not skip_nonfinite:
-            skipped = jnp.zeros([], bool)
-        held: list[Any] = []
-        if momentum is not None:
-            old = state[1].trace
-            decay = jnp.where(skipped, 1.0, jnp.asarray(momentum, jnp.float32))
-            trace = jax.tree.map(
+        old = trace_old.trace
+        decay = jnp.where(skipped, 1.0, jnp.asarray(momentum, jnp.float32))
+        trace = jax.tree.map(
+            lambda g, t: None if g is None else g + decay * t,
+            u,
+            old,
+            is_leaf=lambda x: x is None,
+        )
+        # The update reads the trace as stored (in the parameters' dtype, as
+        # optax.sgd's does): from the unrounded float32 trace, XLA recomputed
+        # it from the old trace and copied a narrow trace first.
+        trace = _cast_like(trace, old)
+        if nesterov:
+            u = jax.tree.map(
                 lambda g, t: None if g is None else g + decay * t,
                 u,
-                old,
+                trace,
                 is_leaf=lambda x: x is None,
             )
-            # The update reads the trace as stored (in the parameters' dtype,
-            # as optax.sgd's does): from the unrounded float32 trace, XLA
-            # recomputed it from the old trace and copied a narrow trace first.
-            trace = _cast_like(trace, old)
-            if nesterov:
-                u = jax.tree.map(
-                    lambda g, t: None if g is None else g + decay * t,
-                    u,
-                    trace,
-                    is_leaf=lambda x: x is None,
-                )
-            else:
-                u = _cast_like(trace, u)  # back to float32 for the learning rate
-            held.append(optax.TraceState(trace=trace))
-        u, lr_state = lr.update(u, state[-1], params, **extra_args)
-        held.append(_hold(skipped, lr_state, state[-1]))
-        u = _cast_like(u, updates)
-        if skip_nonfinite:
-            u = jax.tree.map(lambda x: zero_where(skipped, x), u)
-        return u, (rule_new, *held)
+        else:
+            u = _cast_like(trace, u)  # back to float32 for the learning rate
+        u, lr_new = lr.update(u, lr_old, params, **extra_args)
+        u = jax.tree.map(
+            lambda n, g: None if g is None else zero_where(skipped, n.astype(g.dtype)),
+            u,
+            updates,
+            is_leaf=lambda x: x is None,
+        )
+        trace_new = optax.TraceState(trace=trace)
+        return u, (rule_new, trace_new, hold_state(skipped, lr_new, lr_old))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -124,6 +125,7 @@ def delta_gclip(
     delta: chex.Numeric = 1e-3,
     *,
     weight_decay: chex.Numeric = 0.0,
+    mask: Any = None,
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,
     skip_nonfinite: bool = True,
@@ -145,8 +147,10 @@ def delta_gclip(
     prove convergence to a global minimum for wide networks, where plain
     clipping (``delta = 0``, :func:`gclip`) can stall.
 
-    The optimizer is ``optax.chain(rule, [optax.trace], scale_by_learning_rate)``
-    with the rule's :class:`DeltaGClipState` first, so
+    The optimizer is the chain of public parts
+    ``skip_and_round(optax.chain(scale_by_delta_gclip(..., wide_updates=True),
+    [optax.trace(...)], optax.scale_by_learning_rate(...)))``, with the rule's
+    :class:`DeltaGClipState` first, so
     ``optax.tree.get(state, "grad_norm")`` and ``"scale"`` read the norm and the
     factor ``h / learning_rate`` for logging. With ``momentum``, the scaled
     gradient feeds an ``optax.trace`` (heavy-ball or Nesterov), as in
@@ -158,6 +162,10 @@ def delta_gclip(
       delta: the floor :math:`\delta \in [0, 1]`; 0 is GClip, 1 is SGD.
       weight_decay: :math:`\lambda \ge 0`, added to the gradient after the norm
         is taken and scaled by the same :math:`h`.
+      mask: which parameters ``weight_decay`` applies to: a pytree of bools
+        with the parameters' structure, or a callable returning one from the
+        parameters, as in :func:`optax.add_decayed_weights`; ``None`` decays
+        all. See :func:`scale_by_delta_gclip`.
       momentum: ``None`` (no momentum, the paper's method) or a decay in
         [0, 1).
       nesterov: use Nesterov momentum (needs ``momentum``).
@@ -210,18 +218,21 @@ def delta_gclip(
             "nesterov=True needs momentum: got momentum=None. Pass momentum in "
             "[0, 1), e.g. momentum=0.9."
         )
-    rule = _make_scale_by_delta_gclip(
+    rule = scale_by_delta_gclip(
         gamma,
         delta,
-        weight_decay=weight_decay,
         skip_nonfinite=skip_nonfinite,
         norm=norm,
         axis_name=axis_name,
         replicated=replicated,
+        weight_decay=weight_decay,
+        mask=mask,
         wide_updates=True,
     )
-    return _alias(
-        rule, momentum, nesterov, learning_rate, skip_nonfinite=skip_nonfinite
+    if momentum is not None:
+        return _with_momentum(rule, momentum, nesterov, learning_rate)
+    return skip_and_round(
+        optax.chain(rule, optax.scale_by_learning_rate(learning_rate))
     )
 
 
@@ -230,6 +241,7 @@ def gclip(
     gamma: chex.Numeric,
     *,
     weight_decay: chex.Numeric = 0.0,
+    mask: Any = None,
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,
     skip_nonfinite: bool = True,
@@ -254,6 +266,7 @@ def gclip(
       learning_rate: :math:`\eta > 0`, a float or an optax schedule.
       gamma: the clipping threshold :math:`\gamma > 0`.
       weight_decay: see :func:`delta_gclip`.
+      mask: see :func:`delta_gclip`.
       momentum: see :func:`delta_gclip`.
       nesterov: see :func:`delta_gclip`.
       skip_nonfinite: see :func:`delta_gclip`.
@@ -283,6 +296,7 @@ def gclip(
         gamma,
         0.0,
         weight_decay=weight_decay,
+        mask=mask,
         momentum=momentum,
         nesterov=nesterov,
         skip_nonfinite=skip_nonfinite,

@@ -21,7 +21,7 @@ import optax
 from rgclip_optax import _validation
 from rgclip_optax._norm import NORM_DTYPE, AxisName, accumulation_dtype, leaf_norms
 from rgclip_optax._select import zero_where
-from rgclip_optax._validation import inexact_leaves, replicated_flags
+from rgclip_optax._validation import bool_flags, inexact_leaves
 
 
 class DeltaGClipState(NamedTuple):
@@ -167,33 +167,131 @@ def _per_leaf_tree(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _make_scale_by_delta_gclip(
+def scale_by_delta_gclip(
     gamma: chex.Numeric,
-    delta: chex.Numeric,
+    delta: chex.Numeric = 1e-3,
     *,
-    weight_decay: chex.Numeric = 0.0,
     skip_nonfinite: bool = True,
     norm: str = "global",
     axis_name: AxisName = None,
     replicated: Any = None,
+    weight_decay: chex.Numeric = 0.0,
+    mask: Any = None,
     wide_updates: bool = False,
 ) -> optax.GradientTransformation:
-    """The rule, with the optional decoupled-from-the-norm weight decay.
+    r"""Scales the updates by the δ-regularized clipping factor of their norm.
 
-    ``weight_decay`` follows the authors' reference implementation: the norm is
-    that of the raw gradient, and the decay term is added afterwards and scaled
-    by the same factor, ``s * (g + weight_decay * w)``.
+    The whole update pytree is multiplied by one scalar,
 
-    ``wide_updates``: output the scaled updates in float32 (or wider) instead of
-    each gradient leaf's dtype. The full optimizers use it so that a bfloat16
-    update is rounded once, after the learning rate, and not after every link
-    of the chain (each rounding is also a conversion pass on XLA:CPU); they
-    cast back to the gradient's dtypes at the end.
+    .. math::
+
+      s = \min\left(1,\ \max\left(\delta,\ \frac{\gamma}{\|g\|}\right)\right),
+
+    where :math:`\|g\|` is the L2 norm of all leaves together (see
+    :func:`rgclip_optax.global_norm`). No learning rate and no sign is applied,
+    so it chains with anything; chained with ``optax.sgd(eta)`` it gives the
+    δ-GClip step :math:`w \leftarrow w - \eta s g` of Tucat et al. The three
+    regimes, for :math:`0 < \delta < 1`:
+
+    * :math:`\|g\| \le \gamma`: :math:`s = 1`, a plain gradient step;
+    * :math:`\gamma < \|g\| \le \gamma/\delta`: :math:`s = \gamma/\|g\|`, the
+      update has norm :math:`\gamma` (GClip);
+    * :math:`\|g\| > \gamma/\delta`: :math:`s = \delta`, the floor that makes
+      the method provably converge on wide networks.
+
+    ``delta = 0`` is plain GClip (``optax.clip_by_global_norm``), ``delta = 1``
+    is the identity.
+
+    Numerics: the norm is accumulated in float32 for every leaf dtype; each
+    output leaf keeps its input dtype; a zero gradient gives a zero update and
+    ``s = 1``. If the gradient holds a NaN or an infinity and
+    ``skip_nonfinite`` is true, the updates are all zero and
+    ``nonfinite_count`` grows by one (to also hold momentum and schedule state
+    still, wrap the chain in :func:`rgclip_optax.skip_and_round`, as
+    :func:`rgclip_optax.delta_gclip` does).
+
+    Weight decay follows the authors' reference implementation: the norm is
+    that of the raw gradient, and the decay is added afterwards and scaled by
+    the same factor, :math:`s\,(g + \lambda w)`.
+
+    Args:
+      gamma: the clipping threshold :math:`\gamma > 0` on the gradient norm.
+      delta: the floor :math:`\delta \in [0, 1]` on the factor.
+      skip_nonfinite: if true (the default), a step whose gradient has a
+        non-finite entry outputs zero updates and is counted; if false, the
+        formula's result (NaN or inf) is propagated.
+      norm: ``"global"`` (the default, the paper's method): one norm over all
+        leaves and one factor for the whole tree. ``"per_tensor"``: each leaf
+        uses its own norm and gets its own factor (the authors'
+        ``deltaGClip_c`` variant); ``grad_norm`` and ``scale`` in the state
+        are then pytrees of float32 scalars with the gradient's structure, and
+        a step is still skipped as a whole if any leaf is not finite. The
+        paper's convergence theorem covers only the global norm.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over
+        which the gradient leaves are sharded: the float32 partial sums of
+        squares are added across it with one scalar ``psum``. Leave it
+        ``None`` under ``jax.jit`` with shardings (XLA does the reduction) and
+        when the gradients were already averaged with ``pmean``; see
+        :func:`rgclip_optax.global_norm`.
+      replicated: with ``axis_name``, which leaves are *replicated* on every
+        device of the axis (so counted once, not once per device): a pytree of
+        bools with the gradient's structure, or a callable taking the
+        gradient and returning one. ``None``: every leaf is sharded.
+      weight_decay: :math:`\lambda \ge 0`; if not 0, ``update`` needs
+        ``params``.
+      mask: which parameters are decayed, as in
+        :func:`optax.add_decayed_weights`: a pytree of bools with the
+        parameters' structure (``True``: decayed), or a callable taking the
+        parameters and returning one. ``None`` (the default) decays every
+        leaf. For example ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``
+        leaves biases and normalization scales undecayed.
+      wide_updates: if false (the default), each update leaf has its
+        gradient's dtype. If true, the updates are handed on unrounded, in
+        float32 (float64 under x64, the matching complex type for complex
+        leaves), for a chain that rounds once at its end:
+        :func:`rgclip_optax.skip_and_round` casts back to the gradient's
+        dtypes, so a bfloat16 update is rounded once and not after every link.
+        (Widening the gradient in front of the rule instead would make XLA
+        write a float32 copy of it.)
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`DeltaGClipState`.
+
+    Raises:
+      ValueError: for a concrete ``gamma <= 0``, ``delta`` outside [0, 1],
+        ``weight_decay < 0`` or an unknown ``norm``; in ``update``, for a
+        ``mask`` that does not match the parameters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import rgclip_optax as rgc
+      >>> tx = optax.chain(rgc.scale_by_delta_gclip(gamma=1.0, delta=0.1),
+      ...                  optax.sgd(learning_rate=0.5))
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 > gamma/delta = 10
+      >>> updates, state = tx.update(grads, state)
+      >>> updates["w"]  # -0.5 * 0.1 * g
+      Array([-1.5, -2. ], dtype=float32)
+      >>> float(state[0].grad_norm), float(state[0].scale)
+      (50.0, 0.1...)
+
+    References:
+      Tucat, Mukherjee, Sen, Sun, Rivasplata, `Regularized Gradient Clipping
+      Provably Trains Wide and Deep Neural Networks
+      <https://arxiv.org/abs/2404.08624>`_, TMLR 2025.
+
+      Zhang, He, Sra, Jadbabaie, `Why gradient clipping accelerates training: A
+      theoretical justification for adaptivity
+      <https://arxiv.org/abs/1905.11881>`_, ICLR 2020.
     """
     _validation.check_positive("gamma", gamma, allow_inf=True)
     _validation.check_interval("delta", delta, 0.0, 1.0)
     _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"))
     _validation.check_bool("skip_nonfinite", skip_nonfinite)
+    _validation.check_bool("wide_updates", wide_updates)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got norm={norm!r}.")
     if replicated is not None and axis_name is None:
@@ -237,7 +335,7 @@ def _make_scale_by_delta_gclip(
         grads, treedef = jax.tree_util.tree_flatten(
             updates, is_leaf=lambda x: x is None
         )
-        rep = replicated_flags(replicated, updates)
+        rep = bool_flags("replicated", replicated, updates, "gradient")
         present = [i for i, g in enumerate(grads) if g is not None]
 
         # One pass over the leaves for both variants: per-tensor keeps one
@@ -255,10 +353,15 @@ def _make_scale_by_delta_gclip(
                 raise ValueError(
                     "params must have the same tree structure as the updates."
                 )
+            decayed = (
+                [True] * len(ps)
+                if mask is None
+                else _validation.bool_flags("mask", mask, params, "parameters")
+            )
         out: list[Any] = [None] * len(grads)
         for i in present:
             decay = None
-            if decays:
+            if decays and decayed[i]:
                 p = ps[i]
                 decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
                     _wide_dtype(p.dtype)
@@ -284,108 +387,3 @@ def _make_scale_by_delta_gclip(
         return new_updates, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def scale_by_delta_gclip(
-    gamma: chex.Numeric,
-    delta: chex.Numeric = 1e-3,
-    *,
-    skip_nonfinite: bool = True,
-    norm: str = "global",
-    axis_name: AxisName = None,
-    replicated: Any = None,
-) -> optax.GradientTransformation:
-    r"""Scales the updates by the δ-regularized clipping factor of their norm.
-
-    The whole update pytree is multiplied by one scalar,
-
-    .. math::
-
-      s = \min\left(1,\ \max\left(\delta,\ \frac{\gamma}{\|g\|}\right)\right),
-
-    where :math:`\|g\|` is the L2 norm of all leaves together (see
-    :func:`rgclip_optax.global_norm`). No learning rate and no sign is applied,
-    so it chains with anything; chained with ``optax.sgd(eta)`` it gives the
-    δ-GClip step :math:`w \leftarrow w - \eta s g` of Tucat et al. The three
-    regimes, for :math:`0 < \delta < 1`:
-
-    * :math:`\|g\| \le \gamma`: :math:`s = 1`, a plain gradient step;
-    * :math:`\gamma < \|g\| \le \gamma/\delta`: :math:`s = \gamma/\|g\|`, the
-      update has norm :math:`\gamma` (GClip);
-    * :math:`\|g\| > \gamma/\delta`: :math:`s = \delta`, the floor that makes
-      the method provably converge on wide networks.
-
-    ``delta = 0`` is plain GClip (``optax.clip_by_global_norm``), ``delta = 1``
-    is the identity.
-
-    Numerics: the norm is accumulated in float32 for every leaf dtype; each
-    output leaf keeps its input dtype; a zero gradient gives a zero update and
-    ``s = 1``. If the gradient holds a NaN or an infinity and
-    ``skip_nonfinite`` is true, the updates are all zero and
-    ``nonfinite_count`` grows by one (to also hold momentum and schedule state
-    still, use :func:`rgclip_optax.delta_gclip` or wrap your chain in
-    :func:`optax.apply_if_finite`).
-
-    Args:
-      gamma: the clipping threshold :math:`\gamma > 0` on the gradient norm.
-      delta: the floor :math:`\delta \in [0, 1]` on the factor.
-      skip_nonfinite: if true (the default), a step whose gradient has a
-        non-finite entry outputs zero updates and is counted; if false, the
-        formula's result (NaN or inf) is propagated.
-      norm: ``"global"`` (the default, the paper's method): one norm over all
-        leaves and one factor for the whole tree. ``"per_tensor"``: each leaf
-        uses its own norm and gets its own factor (the authors'
-        ``deltaGClip_c`` variant); ``grad_norm`` and ``scale`` in the state
-        are then pytrees of float32 scalars with the gradient's structure, and
-        a step is still skipped as a whole if any leaf is not finite. The
-        paper's convergence theorem covers only the global norm.
-      axis_name: inside ``shard_map``/``pmap``, the mesh axis (or axes) over
-        which the gradient leaves are sharded: the float32 partial sums of
-        squares are added across it with one scalar ``psum``. Leave it
-        ``None`` under ``jax.jit`` with shardings (XLA does the reduction) and
-        when the gradients were already averaged with ``pmean``; see
-        :func:`rgclip_optax.global_norm`.
-      replicated: with ``axis_name``, which leaves are *replicated* on every
-        device of the axis (so counted once, not once per device): a pytree of
-        bools with the gradient's structure, or a callable taking the
-        gradient and returning one. ``None``: every leaf is sharded.
-
-    Returns:
-      An :class:`optax.GradientTransformation` whose state is a
-      :class:`DeltaGClipState`.
-
-    Raises:
-      ValueError: for a concrete ``gamma <= 0`` or ``delta`` outside [0, 1].
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optax
-      >>> import rgclip_optax as rgc
-      >>> tx = optax.chain(rgc.scale_by_delta_gclip(gamma=1.0, delta=0.1),
-      ...                  optax.sgd(learning_rate=0.5))
-      >>> params = {"w": jnp.array([3.0, 4.0])}
-      >>> state = tx.init(params)
-      >>> grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 > gamma/delta = 10
-      >>> updates, state = tx.update(grads, state)
-      >>> updates["w"]  # -0.5 * 0.1 * g
-      Array([-1.5, -2. ], dtype=float32)
-      >>> float(state[0].grad_norm), float(state[0].scale)
-      (50.0, 0.1...)
-
-    References:
-      Tucat, Mukherjee, Sen, Sun, Rivasplata, `Regularized Gradient Clipping
-      Provably Trains Wide and Deep Neural Networks
-      <https://arxiv.org/abs/2404.08624>`_, TMLR 2025.
-
-      Zhang, He, Sra, Jadbabaie, `Why gradient clipping accelerates training: A
-      theoretical justification for adaptivity
-      <https://arxiv.org/abs/1905.11881>`_, ICLR 2020.
-    """
-    return _make_scale_by_delta_gclip(
-        gamma,
-        delta,
-        skip_nonfinite=skip_nonfinite,
-        norm=norm,
-        axis_name=axis_name,
-        replicated=replicated,
-    )

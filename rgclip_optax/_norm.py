@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rgclip_optax._validation import inexact_leaves, replicated_flags
+from rgclip_optax._validation import bool_flags, inexact_leaves
 
 AxisName = Hashable | Sequence[Hashable] | None
 # Leaves with the mesh axes their partial sums are added over.
@@ -239,6 +239,6 @@ def global_norm(
     """
     inexact_leaves(tree)
     leaves = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0]
-    flags = replicated_flags(replicated, tree)
+    flags = bool_flags("replicated", replicated, tree, "gradient")
     (norm,), _ = leaf_norms(leaves, flags, axis_name)
     return norm

@@ -120,21 +120,42 @@ def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
     return leaves
 
 
-def replicated_flags(replicated: Any, tree: Any) -> list[bool]:
+def _is_concrete_bool(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(
+        value, jax.core.Tracer
+    ):
+        return value.shape == () and value.dtype == np.bool_
+    return False
+
+
+def bool_flags(name: str, spec: Any, tree: Any, what: str) -> list[bool]:
     """One bool per leaf of ``tree`` (``None`` leaves included, as False).
 
-    ``replicated`` is ``None`` (nothing replicated), a pytree of bools with
-    ``tree``'s structure, or a callable taking ``tree`` and returning one.
+    ``spec`` is ``None`` (all False), a pytree of bools with ``tree``'s
+    structure, or a callable taking ``tree`` and returning one; ``name`` and
+    ``what`` (which tree that is) go into the error.
+
+    Raises:
+      ValueError: if the flags do not match ``tree``'s leaves one to one.
+      TypeError: if a flag is not a bool.
     """
     n_leaves = len(jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0])
-    if replicated is None:
+    if spec is None:
         return [False] * n_leaves
-    mask = replicated(tree) if callable(replicated) else replicated
-    flags = jax.tree_util.tree_flatten(mask, is_leaf=lambda x: x is None)[0]
+    flags_tree = spec(tree) if callable(spec) else spec
+    flags = jax.tree_util.tree_flatten(flags_tree, is_leaf=lambda x: x is None)[0]
     if len(flags) != n_leaves:
         raise ValueError(
-            "replicated must be a pytree of bools with the gradient's structure "
+            f"{name} must be a pytree of bools with the {what}'s structure "
             f"(or a callable returning one): got {len(flags)} flags for "
             f"{n_leaves} leaves."
         )
+    for f in flags:
+        if f is not None and not _is_concrete_bool(f):
+            raise TypeError(
+                f"{name} must hold Python bools (one per leaf of the {what}), "
+                f"got a leaf {f!r} of type {type(f).__name__}."
+            )
     return [bool(f) if f is not None else False for f in flags]

@@ -1,0 +1,146 @@
+"""``skip_and_round``: runs a δ-GClip chain as one step.
+
+It does two things around a chain that holds one :func:`scale_by_delta_gclip`:
+the whole step is skipped when the rule skips a non-finite gradient (every
+other piece of state is held), and the chain runs in float32 so that a
+low-precision update is rounded once, at the end (with the rule's
+``wide_updates=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from rgclip_optax._delta_gclip import DeltaGClipState
+from rgclip_optax._select import select, zero_where
+
+
+def _is_rule_state(x: Any) -> bool:
+    return isinstance(x, DeltaGClipState)
+
+
+def rule_state(state: Any) -> DeltaGClipState:
+    """The one :class:`DeltaGClipState` inside an optimizer state, found by type.
+
+    Raises:
+      ValueError: if the state holds none, or more than one.
+    """
+    found = [
+        x for x in jax.tree.leaves(state, is_leaf=_is_rule_state) if _is_rule_state(x)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            "skip_and_round needs a chain with exactly one "
+            "rgclip_optax.scale_by_delta_gclip in it (its DeltaGClipState tells "
+            f"which steps were skipped); the inner state holds {len(found)}."
+        )
+    return found[0]
+
+
+def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
+    """Each leaf of ``old`` where the step was skipped, else of ``new`` cast to
+    the old leaf's dtype; the rule's own state is always the new one."""
+
+    def hold(n: Any, o: Any) -> Any:
+        if _is_rule_state(n) or not hasattr(o, "dtype"):
+            return n
+        return select(skipped, o, n.astype(o.dtype))
+
+    return jax.tree.map(hold, new, old, is_leaf=_is_rule_state)
+
+
+def skip_and_round(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Runs a chain around :func:`scale_by_delta_gclip` as one δ-GClip step.
+
+    :func:`delta_gclip` is ``skip_and_round(optax.chain(scale_by_delta_gclip(...),
+    [optax.trace(...)], optax.scale_by_learning_rate(...)))``; this is the
+    wrapper, for building your own variant from public parts. Around
+    ``inner`` it adds:
+
+    * **Whole-step skips.** When the rule skips a gradient with a NaN or an
+      infinity (its ``nonfinite_count`` grows), the updates are exact zeros and
+      every other leaf of the state (momentum, schedule counts, Adam's moments)
+      is held as it was, as :func:`optax.apply_if_finite` does, but reusing the
+      finiteness flag that the norm already computed. Without the wrapper, the
+      rule alone zeroes its own output, but a momentum after it decays and a
+      schedule after it counts the step.
+    * **One rounding.** The updates are cast to each gradient leaf's dtype
+      once, at the end. With the rule built with ``wide_updates=True`` the
+      chain after it runs in float32, so a bfloat16 update is rounded once,
+      not after every link. Every state leaf is cast back to its dtype from
+      the step before, so a float32 hyperparameter traced by
+      :func:`optax.inject_hyperparams` cannot make the state's dtypes drift.
+
+    With a rule built with ``skip_nonfinite=False`` no step is skipped and
+    only the rounding applies.
+
+    .. math::
+
+      (u_t, S_t) =
+      \begin{cases}
+        (0,\ S_{t-1} \text{ with the rule's log updated}) & \text{if the rule
+          skipped step } t \\
+        (\operatorname{round}(\mathrm{inner}(g_t)),\ S_t) & \text{otherwise}
+      \end{cases}
+
+    The state is ``inner``'s own, unchanged in structure, so checkpoints and
+    :func:`optax.tree.get` see the usual ``TraceState`` and schedule counts.
+
+    Args:
+      inner: an optax transformation whose state contains exactly one
+        :class:`DeltaGClipState`, anywhere (found by type, not by position).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with ``inner``'s state.
+
+    Raises:
+      ValueError: from ``init`` or ``update``, if ``inner``'s state holds no
+        :class:`DeltaGClipState` or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import rgclip_optax as rgc
+      >>> tx = rgc.skip_and_round(optax.chain(
+      ...     rgc.scale_by_delta_gclip(gamma=1.0, delta=0.1, wide_updates=True),
+      ...     optax.scale_by_adam(),
+      ...     optax.scale_by_learning_rate(1e-3),
+      ... ))
+      >>> params = jnp.ones(3, jnp.bfloat16)
+      >>> state = tx.init(params)
+      >>> bad = jnp.array([1.0, jnp.nan, 2.0], jnp.bfloat16)
+      >>> updates, new_state = tx.update(bad, state, params)
+      >>> updates  # the step is skipped ...
+      Array([0, 0, 0], dtype=bfloat16)
+      >>> int(optax.tree.get(new_state, "nonfinite_count"))
+      1
+      >>> int(new_state[1].count)  # ... and Adam's count is held
+      0
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> Any:
+        state = inner.init(params)
+        rule_state(state)  # fail at init, not at the first step
+        return state
+
+    def update_fn(
+        updates: Any, state: Any, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, Any]:
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        old_count = rule_state(state).nonfinite_count
+        skipped = rule_state(new_state).nonfinite_count != old_count
+        new_state = hold_state(skipped, new_state, state)
+        new_updates = jax.tree.map(
+            lambda n, g: None if g is None else zero_where(skipped, n.astype(g.dtype)),
+            new_updates,
+            updates,
+            is_leaf=lambda x: x is None,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
