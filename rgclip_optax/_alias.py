@@ -48,15 +48,16 @@ def _with_momentum(
 
     In float32 its results are those of that chain of public parts up to XLA's
     rounding of a differently fused program (tested), and a held -0 in the
-    trace may come back as +0; in
-    lower precision the update reads the trace as stored (rounded to the
-    parameters' dtype), as ``optax.sgd`` does. The state is that chain's state,
-    so checkpoints and ``optax.tree.get`` see the usual ``TraceState`` and
-    schedule count. It exists for speed: :func:`skip_and_round` holds a
-    skipped step's state with a select between the old and the new trace, and
-    the update reads the new trace, computed from the old one; XLA:CPU
-    (jax 0.10.2) then copies every momentum buffer before the held trace is
-    written in place (tests/test_xla_lowering.py).
+    trace may come back as +0; in lower precision the update reads the trace
+    as stored (rounded to the parameters' dtype), as ``optax.sgd`` does. The
+    state is that chain's state, so checkpoints and ``optax.tree.get`` see the
+    usual ``TraceState`` and schedule count.
+
+    It exists for speed: :func:`skip_and_round` holds a skipped step's state
+    with a select between the old and the new trace, and the update reads the
+    new trace, computed from the old one; XLA:CPU (jax 0.10.2) then copies
+    every momentum buffer before the held trace is written in place
+    (tests/test_xla_lowering.py::test_momentum_step_copies_no_momentum_buffer).
 
     * Dtypes: the rule hands its updates on in float32 (momentum and learning
       rate are applied at that precision), and they are cast here, once, to
