@@ -69,4 +69,3 @@ doctest_global_setup = "import os\nos.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 html_theme = "furo"
 html_title = f"rgclip_optax {release}"
-html_static_path = ["_static"]
