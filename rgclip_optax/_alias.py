@@ -23,8 +23,7 @@ import optax
 from rgclip_optax import _validation
 from rgclip_optax._delta_gclip import scale_by_delta_gclip
 from rgclip_optax._norm import AxisName
-from rgclip_optax._select import zero_where
-from rgclip_optax._skip_and_round import hold_state, skip_and_round
+from rgclip_optax._skip_and_round import hold_state, round_updates, skip_and_round
 
 
 def _cast_like(new: Any, old: Any) -> Any:
@@ -108,14 +107,9 @@ def _with_momentum(
         else:
             u = _cast_like(trace, u)  # back to float32 for the learning rate
         u, lr_new = lr.update(u, lr_old, params, **extra_args)
-        u = jax.tree.map(
-            lambda n, g: None if g is None else zero_where(skipped, n.astype(g.dtype)),
-            u,
-            updates,
-            is_leaf=lambda x: x is None,
-        )
         trace_new = optax.TraceState(trace=trace)
-        return u, (rule_new, trace_new, hold_state(skipped, lr_new, lr_old))
+        held = (rule_new, trace_new, hold_state(skipped, lr_new, lr_old))
+        return round_updates(skipped, u, updates), held
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -52,6 +52,17 @@ def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(hold, new, old, is_leaf=_is_rule_state)
 
 
+def round_updates(skipped: jax.Array, new: Any, grads: Any) -> Any:
+    """Each leaf of ``new`` cast once to its gradient leaf's dtype, and zero
+    (bit masks, see ``_select``) where the step was skipped."""
+    return jax.tree.map(
+        lambda n, g: None if g is None else zero_where(skipped, n.astype(g.dtype)),
+        new,
+        grads,
+        is_leaf=lambda x: x is None,
+    )
+
+
 def skip_and_round(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
@@ -135,12 +146,6 @@ def skip_and_round(
         old_count = rule_state(state).nonfinite_count
         skipped = rule_state(new_state).nonfinite_count != old_count
         new_state = hold_state(skipped, new_state, state)
-        new_updates = jax.tree.map(
-            lambda n, g: None if g is None else zero_where(skipped, n.astype(g.dtype)),
-            new_updates,
-            updates,
-            is_leaf=lambda x: x is None,
-        )
-        return new_updates, new_state
+        return round_updates(skipped, new_updates, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
