@@ -11,7 +11,9 @@ Where to find things:
 * the optimizers, chains of the above: ``_alias.py`` (:func:`delta_gclip`,
   :func:`gclip`);
 * hyperparameter and gradient-tree checks: ``_validation.py``;
-* the bit-mask selects of skipped steps: ``_select.py``.
+* the bit-mask selects of skipped steps: ``_select.py``;
+* finding the rule's state in any optimizer state, and reading it as arrays
+  for logging: ``_state.py`` (:func:`read_clip_state`).
 """
 
 from rgclip_optax._alias import delta_gclip, gclip
@@ -23,6 +25,7 @@ from rgclip_optax._delta_gclip import (
 )
 from rgclip_optax._norm import global_norm
 from rgclip_optax._skip_and_round import skip_and_round
+from rgclip_optax._state import read_clip_state
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,7 @@ __all__ = [
     "delta_gclip_scale",
     "gclip",
     "global_norm",
+    "read_clip_state",
     "scale_by_delta_gclip",
     "skip_and_round",
 ]

@@ -21,19 +21,16 @@ import jax.numpy as jnp
 import optax
 
 from rgclip_optax import _validation
-from rgclip_optax._delta_gclip import scale_by_delta_gclip
+from rgclip_optax._delta_gclip import scale_by_delta_gclip, wide_dtype
 from rgclip_optax._norm import AxisName
 from rgclip_optax._skip_and_round import hold_state, round_updates, skip_and_round
 
 
-def _cast_like(new: Any, old: Any) -> Any:
-    """Casts each leaf of ``new`` to the dtype of the matching leaf of ``old``."""
-    return jax.tree.map(
-        lambda n, o: None if n is None else n.astype(o.dtype),
-        new,
-        old,
-        is_leaf=lambda x: x is None,
-    )
+def _decayed(g: jax.Array, t: jax.Array, decay: jax.Array) -> jax.Array:
+    """``g + decay * t`` in float32 or wider, with explicit conversions: JAX
+    promotes float8 to nothing implicitly."""
+    wide = jnp.promote_types(wide_dtype(g.dtype), wide_dtype(t.dtype))
+    return g.astype(wide) + decay.astype(wide) * t.astype(wide)
 
 
 def _with_momentum(
@@ -87,25 +84,36 @@ def _with_momentum(
         skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
         old = trace_old.trace
         decay = jnp.where(skipped, 1.0, jnp.asarray(momentum, jnp.float32))
-        trace = jax.tree.map(
-            lambda g, t: None if g is None else g + decay * t,
-            u,
-            old,
-            is_leaf=lambda x: x is None,
-        )
+        no_grad = lambda x: x is None  # noqa: E731
         # The update reads the trace as stored (in the parameters' dtype, as
         # optax.sgd's does): from the unrounded float32 trace, XLA recomputed
         # it from the old trace and copied a narrow trace first.
-        trace = _cast_like(trace, old)
+        trace = jax.tree.map(
+            lambda g, t: None if g is None else _decayed(g, t, decay).astype(t.dtype),
+            u,
+            old,
+            is_leaf=no_grad,
+        )
         if nesterov:
             u = jax.tree.map(
-                lambda g, t: None if g is None else g + decay * t,
+                lambda g, t: None if g is None else _decayed(g, t, decay),
                 u,
                 trace,
-                is_leaf=lambda x: x is None,
+                is_leaf=no_grad,
             )
-        else:
-            u = _cast_like(trace, u)  # back to float32 for the learning rate
+        else:  # back to float32 for the learning rate
+            u = jax.tree.map(
+                lambda g, t: None if g is None else t.astype(g.dtype),
+                u,
+                trace,
+                is_leaf=no_grad,
+            )
+        # A parameter with no gradient (an Equinox integer buffer) keeps its
+        # trace from init, where optax.trace would store None: the state keeps
+        # one structure, as a scan or loop carry must.
+        trace = jax.tree.map(
+            lambda n, o: o if n is None else n, trace, old, is_leaf=no_grad
+        )
         u, lr_new = lr.update(u, lr_old, params, **extra_args)
         trace_new = optax.TraceState(trace=trace)
         held = (rule_new, trace_new, hold_state(skipped, lr_new, lr_old))
@@ -119,7 +127,7 @@ def delta_gclip(
     gamma: chex.Numeric,
     delta: chex.Numeric = 1e-3,
     *,
-    weight_decay: chex.Numeric = 0.0,
+    weight_decay: chex.Numeric | None = None,
     mask: Any = None,
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,
@@ -156,7 +164,8 @@ def delta_gclip(
       gamma: the clipping threshold :math:`\gamma > 0`.
       delta: the floor :math:`\delta \in [0, 1]`; 0 is GClip, 1 is SGD.
       weight_decay: :math:`\lambda \ge 0`, added to the gradient after the norm
-        is taken and scaled by the same :math:`h`.
+        is taken and scaled by the same :math:`h`; ``None`` (the default): no
+        weight decay (see :func:`scale_by_delta_gclip`).
       mask: which parameters ``weight_decay`` applies to: a pytree of bools
         with the parameters' structure, or a callable returning one from the
         parameters, as in :func:`optax.add_decayed_weights`; ``None`` decays
@@ -235,7 +244,7 @@ def gclip(
     learning_rate: optax.ScalarOrSchedule,
     gamma: chex.Numeric,
     *,
-    weight_decay: chex.Numeric = 0.0,
+    weight_decay: chex.Numeric | None = None,
     mask: Any = None,
     momentum: chex.Numeric | None = None,
     nesterov: bool = False,

@@ -11,11 +11,14 @@ shorter than ``eta * delta`` times the gradient (the δ floor).
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rgclip_optax import _validation
@@ -47,9 +50,25 @@ class DeltaGClipState(NamedTuple):
     nonfinite_count: jax.Array
 
 
-def delta_gclip_scale(
-    grad_norm: chex.Numeric, gamma: chex.Numeric, delta: chex.Numeric
-) -> jax.Array:
+def _is_array_like(x: Any) -> bool:
+    """Whether ``x`` is one array for ``jnp.asarray`` (an array, a number, or a
+    possibly nested list or tuple of Python numbers), not a pytree of them."""
+    if isinstance(x, (numbers.Number, np.ndarray, np.generic, jax.Array)):
+        return True
+    return type(x) in (list, tuple) and all(
+        isinstance(leaf, numbers.Number) for leaf in jax.tree.leaves(x)
+    )
+
+
+def _on_norms(fn: Callable[[Any], jax.Array], grad_norm: Any) -> Any:
+    """``fn`` on one array of norms, or on each leaf of a tree of norms (the
+    per-tensor ``grad_norm`` of the state), keeping the tree's structure."""
+    if _is_array_like(grad_norm):
+        return fn(grad_norm)
+    return jax.tree.map(fn, grad_norm)
+
+
+def delta_gclip_scale(grad_norm: Any, gamma: chex.Numeric, delta: chex.Numeric) -> Any:
     """The δ-GClip factor ``s = min(1, max(delta, gamma / grad_norm))``.
 
     Computed in float32 with ``jnp.where``/``minimum``/``maximum`` only, so it
@@ -58,33 +77,40 @@ def delta_gclip_scale(
     zero; an infinite norm gives ``s = delta``; a NaN norm gives NaN.
 
     Args:
-      grad_norm: the global norm of the gradient.
+      grad_norm: the global norm of the gradient, an array of norms
+        (elementwise), or a pytree of them such as the per-tensor
+        ``grad_norm`` of :class:`DeltaGClipState` (leaf by leaf).
       gamma: the clipping threshold, > 0.
       delta: the floor, in [0, 1].
 
     Returns:
-      A float32 scalar in ``[delta, 1]`` (NaN if ``grad_norm`` is NaN).
+      Float32 values in ``[delta, 1]`` (NaN where ``grad_norm`` is NaN), of
+      ``grad_norm``'s shape, or a pytree of them with its structure.
     """
-    norm = jnp.asarray(grad_norm, NORM_DTYPE)
     gamma = jnp.asarray(gamma, NORM_DTYPE)
     delta = jnp.asarray(delta, NORM_DTYPE)
     one = jnp.ones([], NORM_DTYPE)
-    # Only an exact zero is replaced: a NaN norm must stay NaN.
-    safe_norm = jnp.where(norm == 0, one, norm)
-    clipped = jnp.minimum(one, jnp.maximum(delta, gamma / safe_norm))
-    return jnp.where(norm <= gamma, one, clipped)
+
+    def factor(grad_norm: Any) -> jax.Array:
+        norm = jnp.asarray(grad_norm, NORM_DTYPE)
+        # Only an exact zero is replaced: a NaN norm must stay NaN.
+        safe_norm = jnp.where(norm == 0, one, norm)
+        clipped = jnp.minimum(one, jnp.maximum(delta, gamma / safe_norm))
+        return jnp.where(norm <= gamma, one, clipped)
+
+    return _on_norms(factor, grad_norm)
 
 
 UNCLIPPED, CLIPPED, FLOOR, SKIPPED = 0, 1, 2, -1
 
 
-def delta_gclip_regime(
-    grad_norm: chex.Numeric, gamma: chex.Numeric, delta: chex.Numeric
-) -> jax.Array:
+def delta_gclip_regime(grad_norm: Any, gamma: chex.Numeric, delta: chex.Numeric) -> Any:
     r"""Which branch of the δ-GClip factor a gradient norm falls in.
 
     For logging how often the floor binds. Elementwise over ``grad_norm``, so a
-    whole training log of norms is classified at once.
+    whole training log of norms is classified at once; leaf by leaf over a
+    pytree of norms, such as the per-tensor ``grad_norm`` of
+    ``norm="per_tensor"``.
 
     .. math::
 
@@ -101,30 +127,40 @@ def delta_gclip_regime(
     ``delta < 1`` (with ``delta = 0``, GClip, it never occurs).
 
     Args:
-      grad_norm: gradient norm(s), any shape.
+      grad_norm: gradient norm(s), an array of any shape, or a pytree of them
+        (for instance a per-tensor ``grad_norm``).
       gamma: the clipping threshold, > 0.
       delta: the floor, in [0, 1].
 
     Returns:
-      An int32 array of ``grad_norm``'s shape with values in {-1, 0, 1, 2}.
+      An int32 array of ``grad_norm``'s shape with values in {-1, 0, 1, 2},
+      or a pytree of them with ``grad_norm``'s structure.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> import rgclip_optax as rgc
       >>> rgc.delta_gclip_regime([0.5, 5.0, 500.0, float("nan")], 1.0, 0.1)
       Array([ 0,  1,  2, -1], dtype=int32)
+      >>> per_tensor = {"w": jnp.array(50.0), "b": jnp.array(0.5)}
+      >>> rgc.delta_gclip_regime(per_tensor, 1.0, 0.1)["w"]
+      Array(2, dtype=int32)
     """
-    norm = jnp.asarray(grad_norm, NORM_DTYPE)
     gamma = jnp.asarray(gamma, NORM_DTYPE)
     delta = jnp.asarray(delta, NORM_DTYPE)
-    regime = jnp.where(
-        norm <= gamma,
-        UNCLIPPED,
-        jnp.where(gamma / norm < delta, FLOOR, CLIPPED),
-    )
-    return jnp.where(jnp.isfinite(norm), regime, SKIPPED).astype(jnp.int32)
+
+    def regime_of(grad_norm: Any) -> jax.Array:
+        norm = jnp.asarray(grad_norm, NORM_DTYPE)
+        regime = jnp.where(
+            norm <= gamma,
+            UNCLIPPED,
+            jnp.where(gamma / norm < delta, FLOOR, CLIPPED),
+        )
+        return jnp.where(jnp.isfinite(norm), regime, SKIPPED).astype(jnp.int32)
+
+    return _on_norms(regime_of, grad_norm)
 
 
-def _wide_dtype(dtype: Any) -> Any:
+def wide_dtype(dtype: Any) -> Any:
     """float32 (float64 under x64) for real leaves, the matching complex type
     for complex ones: float8 and float16 cannot be promoted implicitly."""
     real = accumulation_dtype(dtype)
@@ -135,12 +171,17 @@ def _wide_dtype(dtype: Any) -> Any:
     )
 
 
+def _is_float8(dtype: Any) -> bool:
+    """8-bit (and narrower) floats, which JAX promotes to nothing implicitly."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 8
+
+
 def _scale_leaf(
     g: jax.Array, s: jax.Array, decay: Any = None, *, cast: bool = True
 ) -> jax.Array:
     """``s * (g + decay)`` computed in float32 (or wider), cast back to g's dtype
     unless ``cast`` is false."""
-    acc = _wide_dtype(g.dtype)
+    acc = wide_dtype(g.dtype)
     real = accumulation_dtype(g.dtype)
     y = g.astype(acc)
     if decay is not None:
@@ -158,12 +199,21 @@ NORMS = ("global", "per_tensor")
 
 
 def _per_leaf_tree(
-    treedef: Any, present: list[int], values: list[jax.Array], n: int
+    old: Any, n: int, present: list[int], values: list[jax.Array]
 ) -> Any:
-    """The gradient's tree with ``values[k]`` at the k-th non-None leaf."""
-    leaves: list[Any] = [None] * n
+    """``old`` (a per-tensor state field) with ``values[k]`` at the k-th leaf
+    whose gradient is not ``None``; the other leaves keep their old value, so
+    the state's structure does not change when a leaf gets no gradient (an
+    Equinox integer buffer, say)."""
+    leaves, treedef = jax.tree_util.tree_flatten(old, is_leaf=lambda x: x is None)
+    if len(leaves) != n:
+        raise ValueError(
+            f"norm='per_tensor': the state holds {len(leaves)} per-leaf norms "
+            f"but the gradient has {n} leaves; call init with parameters of "
+            "the gradient's tree structure."
+        )
     for k, i in enumerate(present):
-        leaves[i] = values[k]
+        leaves[i] = values[k].astype(NORM_DTYPE)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -175,7 +225,7 @@ def scale_by_delta_gclip(
     norm: str = "global",
     axis_name: AxisName = None,
     replicated: Any = None,
-    weight_decay: chex.Numeric = 0.0,
+    weight_decay: chex.Numeric | None = None,
     mask: Any = None,
     wide_updates: bool = False,
 ) -> optax.GradientTransformation:
@@ -237,14 +287,18 @@ def scale_by_delta_gclip(
         device of the axis (so counted once, not once per device): a pytree of
         bools with the gradient's structure, or a callable taking the
         gradient and returning one. ``None``: every leaf is sharded.
-      weight_decay: :math:`\lambda \ge 0`; if not 0, ``update`` needs
-        ``params``.
+      weight_decay: :math:`\lambda \ge 0`, or ``None`` (the default) for no
+        weight decay. Unless it is ``None`` or a concrete 0, ``update`` needs
+        ``params``. ``None`` is what keeps ``update(grads, state)`` without
+        params working under :func:`optax.inject_hyperparams`, which traces
+        every numeric argument, a ``0.0`` included.
       mask: which parameters are decayed, as in
         :func:`optax.add_decayed_weights`: a pytree of bools with the
         parameters' structure (``True``: decayed), or a callable taking the
         parameters and returning one. ``None`` (the default) decays every
         leaf. For example ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``
         leaves biases and normalization scales undecayed.
+        Only with ``weight_decay``.
       wide_updates: if false (the default), each update leaf has its
         gradient's dtype. If true, the updates are handed on unrounded, in
         float32 (float64 under x64, the matching complex type for complex
@@ -252,7 +306,9 @@ def scale_by_delta_gclip(
         :func:`rgclip_optax.skip_and_round` casts back to the gradient's
         dtypes, so a bfloat16 update is rounded once and not after every link.
         (Widening the gradient in front of the rule instead would make XLA
-        write a float32 copy of it.)
+        write a float32 copy of it.) 8-bit float leaves stay in their dtype:
+        JAX promotes them to nothing implicitly, so the next link's
+        arithmetic with its own float8 state (Adam's moments) would fail.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -260,8 +316,9 @@ def scale_by_delta_gclip(
 
     Raises:
       ValueError: for a concrete ``gamma <= 0``, ``delta`` outside [0, 1],
-        ``weight_decay < 0`` or an unknown ``norm``; in ``update``, for a
-        ``mask`` that does not match the parameters.
+        ``weight_decay < 0``, a ``mask`` without ``weight_decay`` or an
+        unknown ``norm``; in ``update``, for a ``mask`` that does not match
+        the parameters, or for missing ``params`` when they are needed.
 
     Example:
       >>> import jax.numpy as jnp
@@ -289,7 +346,13 @@ def scale_by_delta_gclip(
     """
     _validation.check_positive("gamma", gamma, allow_inf=True)
     _validation.check_interval("delta", delta, 0.0, 1.0)
-    _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"))
+    if weight_decay is not None:
+        _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"))
+    elif mask is not None:
+        raise ValueError(
+            "mask selects the parameters that weight_decay applies to, but "
+            "weight_decay=None (no decay); pass weight_decay too, or drop mask."
+        )
     _validation.check_bool("skip_nonfinite", skip_nonfinite)
     _validation.check_bool("wide_updates", wide_updates)
     if norm not in NORMS:
@@ -299,7 +362,7 @@ def scale_by_delta_gclip(
             "replicated only matters with axis_name (inside shard_map/pmap); "
             "got replicated without axis_name."
         )
-    decays = not _is_static_zero(weight_decay)
+    decays = weight_decay is not None and not _is_static_zero(weight_decay)
     per_tensor = norm == "per_tensor"
 
     def init_fn(params: Any) -> DeltaGClipState:
@@ -329,8 +392,8 @@ def scale_by_delta_gclip(
             raise ValueError(
                 f"weight_decay is not statically 0 (it is {shown}), so "
                 "update() needs params: call tx.update(grads, state, params). "
-                "Under optax.inject_hyperparams, pass "
-                "static_args=('weight_decay',) to keep a zero weight decay static."
+                "For no weight decay, leave weight_decay=None (under "
+                "optax.inject_hyperparams a 0.0 is traced, so it is not static)."
             )
         grads, treedef = jax.tree_util.tree_flatten(
             updates, is_leaf=lambda x: x is None
@@ -364,9 +427,10 @@ def scale_by_delta_gclip(
             if decays and decayed[i]:
                 p = ps[i]
                 decay = jnp.asarray(weight_decay, NORM_DTYPE) * p.astype(
-                    _wide_dtype(p.dtype)
+                    wide_dtype(p.dtype)
                 )
-            y = _scale_leaf(grads[i], scales[i], decay, cast=not wide_updates)
+            wide = wide_updates and not _is_float8(grads[i].dtype)
+            y = _scale_leaf(grads[i], scales[i], decay, cast=not wide)
             if skip_nonfinite is not False:
                 y = zero_where(skip, y)
             out[i] = y
@@ -375,10 +439,13 @@ def scale_by_delta_gclip(
         zero = jnp.zeros([], NORM_DTYPE)
         new_scales = [jnp.where(skip, zero, f) for f in factors]
         if per_tensor:
-            new_norm = _per_leaf_tree(treedef, present, norms, len(grads))
-            new_scale = _per_leaf_tree(treedef, present, new_scales, len(grads))
+            new_norm = _per_leaf_tree(state.grad_norm, len(grads), present, norms)
+            new_scale = _per_leaf_tree(state.scale, len(grads), present, new_scales)
         else:
-            new_norm, new_scale = norms[0], new_scales[0]
+            # float32 whatever the leaves (a float64 leaf under x64 included):
+            # the state must keep init's dtypes to be a scan or loop carry.
+            new_norm = norms[0].astype(NORM_DTYPE)
+            new_scale = new_scales[0].astype(NORM_DTYPE)
         new_state = DeltaGClipState(
             grad_norm=new_norm,
             scale=new_scale,

@@ -103,7 +103,9 @@ def _portable_sums(
 
 def join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
     """The groups' sums: concatenated per leaf, else added."""
-    return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([]))
+    # The start is float32: a bare jnp.zeros([]) is float64 under x64, and the
+    # norm (and the state holding it) would change dtype after one step.
+    return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([], NORM_DTYPE))
 
 
 def square_sums(

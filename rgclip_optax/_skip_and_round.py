@@ -16,10 +16,7 @@ import optax
 
 from rgclip_optax._delta_gclip import DeltaGClipState
 from rgclip_optax._select import select, zero_where
-
-
-def _is_rule_state(x: Any) -> bool:
-    return isinstance(x, DeltaGClipState)
+from rgclip_optax._state import is_rule_state, rule_states
 
 
 def rule_state(state: Any) -> DeltaGClipState:
@@ -28,9 +25,7 @@ def rule_state(state: Any) -> DeltaGClipState:
     Raises:
       ValueError: if the state holds none, or more than one.
     """
-    found = [
-        x for x in jax.tree.leaves(state, is_leaf=_is_rule_state) if _is_rule_state(x)
-    ]
+    found = rule_states(state)
     if len(found) != 1:
         raise ValueError(
             "skip_and_round needs a chain with exactly one "
@@ -42,14 +37,21 @@ def rule_state(state: Any) -> DeltaGClipState:
 
 def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
     """Each leaf of ``old`` where the step was skipped, else of ``new`` cast to
-    the old leaf's dtype; the rule's own state is always the new one."""
+    the old leaf's dtype; the rule's own state is always the new one.
+
+    Where ``new`` has ``None`` and ``old`` an array, the old leaf is kept:
+    ``optax.trace`` returns ``None`` for a parameter that got no gradient (an
+    Equinox integer buffer, say) where ``init`` gave it an array, and the state
+    must keep one structure to be a scan or loop carry."""
 
     def hold(n: Any, o: Any) -> Any:
-        if _is_rule_state(n) or not hasattr(o, "dtype"):
+        if n is None:
+            return o
+        if is_rule_state(n) or not hasattr(o, "dtype"):
             return n
         return select(skipped, o, n.astype(o.dtype))
 
-    return jax.tree.map(hold, new, old, is_leaf=_is_rule_state)
+    return jax.tree.map(hold, new, old, is_leaf=lambda x: x is None or is_rule_state(x))
 
 
 def round_updates(skipped: jax.Array, new: Any, grads: Any) -> Any:

@@ -114,7 +114,8 @@ def inexact_leaves(tree: Any, *, what: str = "gradient") -> list[jax.Array]:
                 f"{what} leaf at {where} has dtype {shown}; δ-GClip needs floating "
                 "point (or complex) leaves. Take gradients only with respect to "
                 "floating-point parameters, or mask the others out with "
-                "optax.masked / None leaves."
+                "optax.masked / None leaves (with Equinox, filter the model "
+                "with eqx.is_inexact_array)."
             )
         leaves.append(leaf)
     return leaves

@@ -31,6 +31,7 @@ TPU program. The values are the same; three things differ, each measured on a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,7 +133,9 @@ def _reduce(v: jax.Array, scaled: bool, sizes: Sequence[int] | None) -> jax.Arra
     # through a float32 copy, would make a float64 copy instead).
     largest = float(jnp.finfo(v.dtype).max)
     wide = scaled and largest * largest * max(v.size, 1) > 1e38
-    with jax.enable_x64(wide):
+    # Only ever switched on: enable_x64(False) would switch a user's global
+    # x64 off here and truncate a float64 leaf's sum to float32.
+    with jax.enable_x64(True) if wide else contextlib.nullcontext():
         acc = jnp.float64 if wide else accumulation_dtype(v.dtype)
         parts = [jnp.real(v), jnp.imag(v)] if jnp.iscomplexobj(v) else [v]
         sq = sum(jnp.square(p.astype(acc)) for p in parts)
