@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from extras import require
+
+require("gymnax", "flax", "tqdm", "matplotlib")
+
 import gymnax
 import jax
 import jax.numpy as jnp

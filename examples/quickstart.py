@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from extras import require
+
+require("sklearn", "tqdm", "matplotlib")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -38,6 +38,10 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from extras import require
+
+require("flax", "tqdm", "matplotlib")
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -13,6 +13,9 @@ import rgclip_optax as rgc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+# gymnax comes with the rl extra (it caps jax below 0.12, so the test extra
+# leaves it out); without it the example says so in one line (test_extras.py).
+pytest.importorskip("gymnax", reason="gymnax is in the rl extra")
 import ppo  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
