@@ -40,6 +40,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from extras import require
+
+require("flax", "tqdm", "matplotlib")
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -135,6 +139,15 @@ class ResNet18(nn.Module):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = BasicBlock(64 * 2**i, strides, self.dtype)(x, train)
+        if self.dtype == jnp.bfloat16 and xla_cpu_fuses_reductions_with_ynnpack():
+            # XLA:CPU in jaxlib 0.11-0.12 hands this pool, with the bfloat16
+            # convolutions, batch norms and residual adds feeding it, to one
+            # YNNPACK fusion, which returns NaN at inference (its default
+            # fusion types include "reduce"; XLA_FLAGS=
+            # --xla_cpu_experimental_ynn_fusion_type=-reduce avoids it too).
+            # The barrier keeps the pool out of that fusion, at the cost of
+            # one 4x4x512 feature map per image; GPUs and TPUs never see it.
+            x = jax.lax.optimization_barrier(x)
         x = jnp.mean(x, axis=(1, 2))  # the 4x4 average pool
         x = nn.Dense(
             self.num_classes,
@@ -143,6 +156,15 @@ class ResNet18(nn.Module):
             bias_init=torch_bias_init(x.shape[-1]),
         )(x)
         return x.astype(jnp.float32)
+
+
+def xla_cpu_fuses_reductions_with_ynnpack() -> bool:
+    """Whether this program runs on XLA:CPU from jaxlib 0.11 on, whose default
+    YNNPACK fusions take reductions (and their producers) in."""
+    import jaxlib
+
+    version = tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
+    return jax.default_backend() == "cpu" and version >= (0, 11)
 
 
 def normalize(images: jax.Array) -> jax.Array:

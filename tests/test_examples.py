@@ -157,6 +157,22 @@ def test_resnet18_bf16_delta_gclip_step_sizes(tmp_path):
     assert np.isfinite(record["history"]["epochs"][-1]["test_loss"])
 
 
+def test_resnet18_bf16_inference_matches_float32():
+    # The same variables through the float32 and the bfloat16 model, at
+    # inference: on XLA:CPU from jaxlib 0.11 the bfloat16 logits were all NaN
+    # (the pool's YNNPACK fusion; see ResNet18.__call__).
+    import jax
+    import jax.numpy as jnp
+
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    f32 = resnet18_cifar10.ResNet18(stages=(1, 1))
+    bf16 = resnet18_cifar10.ResNet18(stages=(1, 1), dtype=jnp.bfloat16)
+    variables = f32.init(jax.random.key(0), x, train=False)
+    want = jax.jit(lambda v, x: f32.apply(v, x, train=False))(variables, x)
+    got = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, x)
+    np.testing.assert_allclose(got, want, rtol=0.1, atol=0.05)
+
+
 @pytest.mark.parametrize(
     "module, argv, message",
     [
