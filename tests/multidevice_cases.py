@@ -320,6 +320,35 @@ def case_explicit_sharding():
         os.environ.pop("RGCLIP_OPTAX_NORM_PATH")
 
 
+def case_state_sharding_types():
+    # Optax's sharding tests, for every public factory and option: with an
+    # Explicit mesh the state's types (dtype, shape and sharding) are the same
+    # after init, jit(init), update and jit(update), step after step.
+    from jax.sharding import AxisType
+
+    from tests.factories import OPTIMIZERS
+
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    sharding = NamedSharding(mesh, P(None, "x"))
+    with jax.set_mesh(mesh):
+        for dtype in (jnp.float16, jnp.float32):
+            params = jax.device_put(jnp.full((2, 8, 4), 0.5, dtype), sharding)
+            grads = jax.device_put(jnp.full((2, 8, 4), 30.0, dtype), sharding)
+            for name, factory, kwargs in OPTIMIZERS:
+                tx = factory(**kwargs)
+                state0 = tx.init(params)
+                types = jax.tree.map(jax.typeof, state0)
+                assert jax.tree.map(jax.typeof, jax.jit(tx.init)(params)) == types
+                _, eager = tx.update(grads, state0, params)
+                assert jax.tree.map(jax.typeof, eager) == types, name
+                step = jax.jit(tx.update)
+                state = state0
+                for _ in range(2):
+                    updates, state = step(grads, state, params)
+                    assert jax.tree.map(jax.typeof, state) == types, name
+                    assert jax.typeof(updates) == jax.typeof(grads), name
+
+
 if __name__ == "__main__":
     globals()["case_" + sys.argv[1]]()
     print("ok", sys.argv[1])

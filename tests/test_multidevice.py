@@ -19,6 +19,7 @@ CASES = [
     "pmean_needs_no_axis_name",
     "pmap_axis_name",
     "explicit_sharding",
+    "state_sharding_types",
 ]
 
 
