@@ -3,7 +3,7 @@
 ``_norm`` lowers this instead of its portable sums only when the program is
 compiled for CPU (``lax.platform_dependent``), so none of it reaches a GPU or
 TPU program. The values are the same; three things differ, each measured on a
-2-core x86-64 machine with jax and jaxlib 0.10.2:
+2-core x86-64 machine with jax and jaxlib 0.10.2 (their tests pass on 0.12.0.1):
 
 1. **The scaled sum only when needed.** XLA:CPU does not fuse two reductions
    of one array into one loop, so the portable path reads the gradient twice
@@ -15,12 +15,13 @@ TPU program. The values are the same; three things differ, each measured on a
    ``clip_by_global_norm`` of 10,000 leaves did not compile in 20 minutes).
    Real leaves of at most ``SMALL_LEAF_SIZE`` entries are concatenated per
    dtype, in groups of at most ``PACK_GROUP_SIZE`` entries, and each group is
-   reduced at once. Narrow floats are concatenated as unsigned bits: XLA:CPU
-   turns a bfloat16 concatenation into a float32 one, with a converted copy of
-   every leaf. With several devices only trees of at least
-   ``PACK_MIN_LEAVES`` small leaves are packed, and leaves sharded over
-   explicit mesh axes never are (``jnp.ravel`` of them is a sharding error,
-   and would gather them).
+   reduced at once. Narrow floats are concatenated as unsigned bits on
+   jaxlib < 0.11: XLA:CPU 0.10.2 turns a bfloat16 concatenation into a
+   float32 one, with a converted copy of every leaf; 0.11.2 and 0.12.0.1 no
+   longer do (``NARROW_CONCATENATION_WIDENS``). With several devices only
+   trees of at least ``PACK_MIN_LEAVES`` small leaves are packed, and leaves
+   sharded over explicit mesh axes never are (``jnp.ravel`` of them is a
+   sharding error, and would gather them).
 3. **Narrow leaves behind an optimization barrier.** The clipped update
    converts the same bfloat16/float16 leaves to float32 as the norm does;
    XLA:CPU merged the two conversions and wrote a float32 copy of the whole
@@ -37,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax import lax
 
@@ -48,6 +50,21 @@ from rgclip_optax._norm import (
     psum,
     stack,
 )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"0.12.0.1"`` -> ``(0, 12, 0, 1)``; a suffix such as ``.dev`` ends it."""
+    parts = []
+    for part in text.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+JAXLIB_VERSION = _version(jaxlib.__version__)
+# Whether XLA:CPU widens a bfloat16 concatenation to float32 (workaround 2).
+NARROW_CONCATENATION_WIDENS = JAXLIB_VERSION < (0, 11)
 
 SMALL_LEAF_SIZE = 1 << 12
 # With several devices, packing starts at this many small leaves. Under jit
@@ -106,11 +123,12 @@ def pack_plan(leaves: Sequence[jax.Array]) -> tuple[list[int], list[list[int]]]:
 
 
 def concatenate(flat: Sequence[jax.Array]) -> jax.Array:
-    """``jnp.concatenate`` of 1-D leaves, moving narrow floats as their bits."""
+    """``jnp.concatenate`` of 1-D leaves, moving narrow floats as their bits
+    where XLA:CPU would widen them (``NARROW_CONCATENATION_WIDENS``)."""
     if len(flat) == 1:
         return flat[0]
     dtype = jnp.dtype(flat[0].dtype)
-    if dtype.itemsize >= 4:
+    if dtype.itemsize >= 4 or not NARROW_CONCATENATION_WIDENS:
         return jnp.concatenate(flat)
     bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
     joined = jnp.concatenate([lax.bitcast_convert_type(x, bits) for x in flat])
