@@ -183,3 +183,62 @@ def test_compiled_program_checks_flag_each_excess():
     rows[2]["device"] = rows[0]["device"] = rows[1]["device"] = "TPU v5e:2x2"
     checks = {c["optimizer"]: c["failed"] for c in cp.check_targets(rows)}
     assert checks["delta_gclip"] == ["bytes"]
+
+
+def test_whole_program_benchmark_runs_and_reports(tmp_path):
+    import whole_program
+
+    out = tmp_path / "whole"
+    record = whole_program.main(
+        [
+            "--updates", "2", "--epochs", "2", "--minibatches", "2",
+            "--minibatch-size", "8", "--sizes", "4", "8", "2",
+            "--seeds", "2", "--samples", "2", "--sample-seconds", "0.001",
+            "--optimizers", "clip_adam", "delta_gclip_adam",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    rows = {(r["mode"], r["optimizer"]): r for r in record["rows"]}
+    assert len(rows) == 4
+    assert record["parameters"] == 4 * 8 + 8 + 8 * 2 + 2
+    assert record["steps_per_seed"] == 8
+    for (mode, name), r in rows.items():
+        assert r["q25_s"] <= r["median_s"] <= r["q75_s"]
+        assert r["final_loss_finite"]
+        assert set(r["loop_body"]) == {
+            "conditional",
+            "while",
+            "copy",
+            "fusion",
+            "select",
+        }
+        if name.startswith("delta"):
+            base = rows[(mode, whole_program.COUNTERPART[name])]
+            assert r["ratio"] == pytest.approx(r["median_s"] / base["median_s"])
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == record["rows"]
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| jit(") == 4
+
+
+def test_loop_body_counts_see_a_conditional_inside_a_scan():
+    import jax
+    import jax.numpy as jnp
+    import whole_program
+
+    def loop(with_cond):
+        def body(c, x):
+            if with_cond:
+                c = jax.lax.cond(x > 0, lambda: c + x, lambda: c * x)
+            else:
+                c = c + x
+            return c, c
+
+        return jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs))
+
+    xs = jnp.arange(5.0) - 2
+    counts = [
+        whole_program.loop_body_counts(loop(w).lower(xs).compile().as_text())
+        for w in (True, False)
+    ]
+    assert counts[0]["conditional"] == 1
+    assert counts[1]["conditional"] == 0
