@@ -196,18 +196,13 @@ def step_log(
     the gradient) and ``h = learning_rate * scale``; for SGD and Adam, ``h`` is
     the learning rate and the norm is computed with :func:`rgc.global_norm`.
     """
-    # Found by type, not by name: a LayerNorm's "scale" parameter sits in
-    # Adam's moments under the same name.
-    states = [
-        s
-        for s in jax.tree.leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, rgc.DeltaGClipState)
-        )
-        if isinstance(s, rgc.DeltaGClipState)
-    ]
-    if states:
-        return states[0].grad_norm, learning_rate * states[0].scale
-    return rgc.global_norm(grads), jnp.asarray(learning_rate, jnp.float32)
+    # rgc.read_clip_state finds the rule's state by type, not by name: a
+    # LayerNorm's "scale" parameter sits in Adam's moments under the same name.
+    try:
+        log = rgc.read_clip_state(opt_state)
+    except ValueError:  # SGD or Adam: no rule in the state
+        return rgc.global_norm(grads), jnp.asarray(learning_rate, jnp.float32)
+    return log.grad_norm, learning_rate * log.scale
 
 
 REGIMES = ("unclipped", "clipped", "floor")
