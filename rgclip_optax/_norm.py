@@ -14,8 +14,9 @@ The norm is ``sqrt(plain)`` where ``plain`` is finite and the rescaled
 exists for); a ``where`` picks it, so there is no conditional to sync a GPU's
 host or to gather a sharded gradient. ``scaled`` is finite exactly when every
 entry is, which gives the skip-on-NaN flag from the same read. Both sums go
-through one fused reduction on GPU and TPU; XLA:CPU reads the gradient once
-per sum, so there the second sum runs only when needed (see ``_xla_cpu``).
+through one fused reduction on TPU, and through one variadic reduce
+instruction on GPUs (``_xla_gpu``); XLA:CPU reads the gradient once per sum,
+so there the second sum runs only when needed (see ``_xla_cpu``).
 
 Global and per-tensor norms share this code: ``per_leaf`` keeps one sum per
 leaf instead of adding them up.
@@ -24,7 +25,7 @@ leaf instead of adding them up.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -48,12 +49,12 @@ NORM_DTYPE = jnp.float32
 # each relative to the total.
 SCALE_EXPONENT = 96
 
-# Which implementation lowers: "auto" (XLA:CPU its own, every other platform
-# the portable one, chosen at lowering by lax.platform_dependent), "portable"
-# or "cpu" everywhere. Read at trace time; the tests use it to run the
-# accelerator path on a CPU.
+# Which implementation lowers: "auto" (XLA:CPU and XLA:GPU their own, every
+# other platform the portable one, chosen at lowering by
+# lax.platform_dependent), or "portable", "gpu" or "cpu" everywhere. Read at
+# trace time; the tests use it to run the accelerator paths on a CPU.
 PATH_ENV = "RGCLIP_OPTAX_NORM_PATH"
-PATHS = ("auto", "portable", "cpu")
+PATHS = ("auto", "portable", "gpu", "cpu")
 
 
 def accumulation_dtype(dtype: Any) -> Any:
@@ -62,15 +63,25 @@ def accumulation_dtype(dtype: Any) -> Any:
     return jnp.float64 if jnp.finfo(dtype).bits == 64 else jnp.float32
 
 
-def leaf_square_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def two_sums(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum v**2, sum (v * 2**-SCALE_EXPONENT)**2)`` of a real array, as two
+    reductions of the same read, which XLA:TPU fuses into one pass."""
+    c = jnp.asarray(2.0**-SCALE_EXPONENT, v.dtype)
+    return jnp.sum(v * v), jnp.sum((v * c) * (v * c))
+
+
+def leaf_square_sums(
+    x: jax.Array,
+    sums: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = two_sums,
+) -> tuple[jax.Array, jax.Array]:
     """``(sum |x|**2, sum |x * 2**-SCALE_EXPONENT|**2)`` over one leaf,
-    converted to float32 (or float64) inside the reductions."""
+    converted to float32 (or float64) inside the reductions; ``sums`` takes
+    both over one real array."""
     acc = accumulation_dtype(x.dtype)
     parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
-    parts = [p.astype(acc) for p in parts]
-    c = jnp.asarray(2.0**-SCALE_EXPONENT, acc)
-    plain = sum(jnp.sum(p * p) for p in parts)
-    small = sum(jnp.sum((p * c) * (p * c)) for p in parts)
+    pairs = [sums(p.astype(acc)) for p in parts]
+    plain = sum(p for p, _ in pairs)
+    small = sum(s for _, s in pairs)
     return jnp.asarray(plain), jnp.asarray(small)
 
 
@@ -87,12 +98,14 @@ def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 
 def _portable_sums(
-    groups: Sequence[Group], per_leaf: bool
+    groups: Sequence[Group],
+    per_leaf: bool,
+    sums: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = two_sums,
 ) -> tuple[jax.Array, jax.Array]:
     """Both sums in one read, one psum per group: the accelerator path."""
     plains, scaleds = [], []
     for leaves, axis_name in groups:
-        pairs = [leaf_square_sums(x) for x in leaves]
+        pairs = [leaf_square_sums(x, sums) for x in leaves]
         both = jnp.stack([stack([p for p, _ in pairs], per_leaf),
                           stack([s for _, s in pairs], per_leaf)])  # fmt: skip
         both = psum(both, axis_name)
@@ -118,7 +131,8 @@ def square_sums(
     scalars. On XLA:CPU, ``scaled`` is exact only where ``plain`` is not
     finite (it is not needed elsewhere).
     """
-    from rgclip_optax import _xla_cpu  # the CPU path builds on this module
+    # The CPU and GPU paths build on this module.
+    from rgclip_optax import _xla_cpu, _xla_gpu
 
     path = os.environ.get(PATH_ENV, "auto")
     if path not in PATHS:
@@ -129,14 +143,17 @@ def square_sums(
     def portable(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
         return _portable_sums(list(zip(flat, axes, strict=True)), per_leaf)
 
+    def gpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
+        groups = list(zip(flat, axes, strict=True))
+        return _portable_sums(groups, per_leaf, _xla_gpu.two_sums)
+
     def cpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
         return _xla_cpu.square_sums(list(zip(flat, axes, strict=True)), per_leaf)
 
-    if path == "portable":
-        return portable(flat)
-    if path == "cpu":
-        return cpu(flat)
-    return lax.platform_dependent(flat, cpu=cpu, default=portable)
+    paths = {"portable": portable, "gpu": gpu, "cpu": cpu}
+    if path != "auto":
+        return paths[path](flat)
+    return lax.platform_dependent(flat, cpu=cpu, cuda=gpu, rocm=gpu, default=portable)
 
 
 def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.Array]:

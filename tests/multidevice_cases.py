@@ -282,7 +282,7 @@ def case_explicit_sharding():
                 for g in jax.tree.leaves(jax.tree.map(lambda a: a * 3 + 1, host))
             )
         )
-        for path in ("cpu", "portable"):
+        for path in ("cpu", "portable", "gpu"):
             os.environ["RGCLIP_OPTAX_NORM_PATH"] = path
             got = jax.jit(lambda t: rgc.global_norm(t))(grads)
             np.testing.assert_allclose(float(got), expected, rtol=1e-6)

@@ -201,6 +201,22 @@ def test_portable_path_compiles_to_no_conditional_or_loop(norm, monkeypatch):
     assert _ops(text, "conditional") == 0 and _ops(text, "while") == 0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_path_reads_each_leaf_with_one_reduce(dtype, monkeypatch):
+    # XLA:GPU split two jnp.sum calls of one leaf into two kernels inside a
+    # training loop; one variadic reduce per leaf (and per complex part)
+    # cannot be split.
+    from rgclip_optax import _norm
+
+    monkeypatch.setenv(_norm.PATH_ENV, "gpu")
+    tree = [jnp.ones((64, 64), dtype), jnp.ones(7, dtype), jnp.ones(3, jnp.complex64)]
+    text = jax.jit(lambda t: rgc.global_norm(t)).lower(tree).as_text("hlo")
+    reduces = re.findall(r"= \((f32\[\], f32\[\])\) reduce\(", text)
+    assert len(reduces) == 4, text
+    # The only single-output reductions add up the leaves' sums.
+    assert len(re.findall(r"= f32\[\] reduce\(", text)) == 2
+
+
 def test_auto_path_lowers_one_implementation_only():
     # lax.platform_dependent resolves at lowering: the CPU program has the
     # CPU path's single conditional and nothing of a platform switch.
