@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rgclip_optax import _validation
+from rgclip_optax import _skip_flag, _validation
 from rgclip_optax._delta_gclip import scale_by_delta_gclip, wide_dtype
 from rgclip_optax._norm import AxisName
 from rgclip_optax._skip_and_round import hold_state, round_updates, skip_and_round
@@ -80,8 +80,9 @@ def _with_momentum(
         updates: Any, state: tuple[Any, ...], params: Any = None, **extra_args: Any
     ) -> tuple[Any, tuple[Any, ...]]:
         rule_old, trace_old, lr_old = state
-        u, rule_new = rule.update(updates, rule_old, params)
-        skipped = rule_new.nonfinite_count != rule_old.nonfinite_count
+        with _skip_flag.collecting() as reports:
+            u, rule_new = rule.update(updates, rule_old, params)
+        skipped = _skip_flag.skipped(reports, rule_new, rule_old)
         old = trace_old.trace
         decay = jnp.where(skipped, 1.0, jnp.asarray(momentum, jnp.float32))
         no_grad = lambda x: x is None  # noqa: E731

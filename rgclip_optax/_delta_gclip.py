@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rgclip_optax import _validation
+from rgclip_optax import _skip_flag, _validation
 from rgclip_optax._norm import NORM_DTYPE, AxisName, accumulation_dtype, leaf_norms
 from rgclip_optax._select import zero_where
 from rgclip_optax._validation import bool_flags, inexact_leaves
@@ -451,6 +451,7 @@ def scale_by_delta_gclip(
             scale=new_scale,
             nonfinite_count=state.nonfinite_count + skip.astype(jnp.int32),
         )
+        _skip_flag.report(new_state, skip)
         return new_updates, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

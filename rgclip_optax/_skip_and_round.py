@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import optax
 
+from rgclip_optax import _skip_flag
 from rgclip_optax._delta_gclip import DeltaGClipState
 from rgclip_optax._select import select, zero_where
 from rgclip_optax._state import is_rule_state, rule_states
@@ -144,9 +145,9 @@ def skip_and_round(
     def update_fn(
         updates: Any, state: Any, params: Any = None, **extra_args: Any
     ) -> tuple[Any, Any]:
-        new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        old_count = rule_state(state).nonfinite_count
-        skipped = rule_state(new_state).nonfinite_count != old_count
+        with _skip_flag.collecting() as reports:
+            new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        skipped = _skip_flag.skipped(reports, rule_state(new_state), rule_state(state))
         new_state = hold_state(skipped, new_state, state)
         return round_updates(skipped, new_updates, updates), new_state
 

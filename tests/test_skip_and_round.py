@@ -101,6 +101,61 @@ def test_a_skipped_step_holds_adam_and_the_schedule_and_zeroes_the_updates():
     assert int(s3[1].count) == int(s3_ref[1].count) == 2
 
 
+def _rule_inside_cond(rule):
+    """The rule's update run in a lax.cond branch: the state it returns is
+    rebuilt from the branch's outputs, so its reported skip flag cannot be
+    used, and the wrapper must tell the skip from the counts."""
+
+    def update(g, s, p=None):
+        return jax.lax.cond(True, lambda: rule.update(g, s, p), lambda: (g, s))
+
+    return optax.GradientTransformation(rule.init, update)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["flag", "counts"])
+def test_the_skip_flag_and_the_counts_hold_the_same_steps(wrapped):
+    rule = rgc.scale_by_delta_gclip(1.0, 0.1, wide_updates=True)
+    if wrapped:
+        rule = _rule_inside_cond(rule)
+    tx = rgc.skip_and_round(
+        optax.chain(rule, optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2))
+    )
+    grads = [_grads(1), _nan_like(_grads(2)), _grads(3)]
+    got = _run(tx, _params(), grads)
+    plain = rgc.scale_by_delta_gclip(1.0, 0.1, wide_updates=True)
+    want = _run(
+        rgc.skip_and_round(
+            optax.chain(
+                plain, optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2)
+            )
+        ),
+        _params(),
+        grads,
+    )
+    for (p, s), (p_ref, s_ref) in zip(got, want, strict=True):
+        for a, b in zip(
+            jax.tree.leaves((p, s)), jax.tree.leaves((p_ref, s_ref)), strict=True
+        ):
+            # A rule inside a conditional is fused differently: ulps apart.
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    (_, s1), (_, s2), _ = got
+    assert int(s2[1].count) == int(s1[1].count) == 1  # Adam held on the NaN step
+    assert int(optax.tree.get(s2, "nonfinite_count")) == 1
+
+
+def test_the_skip_flag_does_not_leak_out_of_the_update():
+    # The rule reports its flag only while a wrapper collects it.
+    from rgclip_optax import _skip_flag
+
+    rule = rgc.scale_by_delta_gclip(1.0, 0.1)
+    with _skip_flag.collecting() as reports:
+        _, state = rule.update(_grads(1), rule.init(_params()))
+    assert len(reports) == 1 and reports[0][0] is state
+    assert not bool(reports[0][1])
+    assert _skip_flag._REPORTS.get() is None
+    rule.update(_grads(1), rule.init(_params()))  # nobody collects: no error
+
+
 def test_without_the_wrapper_adam_would_count_the_skipped_step():
     # What the wrapper is for: the rule alone zeroes its output, but the links
     # after it still advance.
