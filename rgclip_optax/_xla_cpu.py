@@ -21,7 +21,9 @@ TPU program. The values are the same; three things differ, each measured on a
    longer do (``NARROW_CONCATENATION_WIDENS``). With several devices only
    trees of at least ``PACK_MIN_LEAVES`` small leaves are packed, and leaves
    sharded over explicit mesh axes never are (``jnp.ravel`` of them is a
-   sharding error, and would gather them).
+   sharding error, and would gather them). Under ``vmap`` nothing is packed:
+   each reduction then covers the whole batch, and the concatenation would
+   copy the batched gradient (``_packed_unless_batched``).
 3. **Narrow leaves behind an optimization barrier.** The clipped update
    converts the same bfloat16/float16 leaves to float32 as the norm does;
    XLA:CPU merged the two conversions and wrote a float32 copy of the whole
@@ -168,9 +170,11 @@ def _reduce(v: jax.Array, scaled: bool, sizes: Sequence[int] | None) -> jax.Arra
         return total
 
 
-def _sums(leaves: Sequence[jax.Array], scaled: bool, per_leaf: bool) -> jax.Array:
-    """Plain or scaled sums of squares, packing the small leaves."""
-    alone, groups = pack_plan(leaves)
+def _sums(
+    leaves: Sequence[jax.Array], scaled: bool, per_leaf: bool, pack: bool = True
+) -> jax.Array:
+    """Plain or scaled sums of squares, packing the small leaves if ``pack``."""
+    alone, groups = pack_plan(leaves) if pack else (list(range(len(leaves))), [])
     values: list[Any] = [None] * len(leaves)
     for i in alone:
         values[i] = _reduce(leaves[i], scaled, None)
@@ -215,21 +219,67 @@ def square_sums(groups: Sequence[Group], per_leaf: bool) -> tuple[jax.Array, jax
     axes = [ax for _, ax in groups]
     sizes = [len(xs) for xs, _ in groups]
 
-    def sums(flat: Sequence[jax.Array], scaled: bool) -> jax.Array:
+    def sums(flat: Sequence[jax.Array], scaled: bool, pack: bool = True) -> jax.Array:
         parts, start = [], 0
         for n, ax in zip(sizes, axes, strict=True):
-            parts.append(psum(_sums(flat[start : start + n], scaled, per_leaf), ax))
+            leaves = flat[start : start + n]
+            parts.append(psum(_sums(leaves, scaled, per_leaf, pack), ax))
             start += n
         return join(parts, per_leaf)
 
     flat = [x for xs, _ in groups for x in xs]
-    plain = sums(flat, scaled=False)
     if any(ax is not None for ax in axes):
         # Inside shard_map/pmap: the collectives stay in a plain conditional.
+        plain = sums(flat, scaled=False)
         scaled = _unless_finite(plain, lambda: sums(flat, scaled=True))
     else:
+        plain = _packed_unless_batched(lambda xs, pack: sums(xs, False, pack))(flat)
         scaled = _rescue(lambda xs: sums(xs, scaled=True))(plain, flat)
     return plain, scaled
+
+
+def _packed_unless_batched(
+    sums: Callable[[list[jax.Array], bool], jax.Array],
+) -> Callable[[list[jax.Array]], jax.Array]:
+    """``leaves -> sums(leaves, pack)``: small leaves packed, except under
+    ``vmap``.
+
+    Packing saves XLA:CPU a reduction per small leaf, each with a fixed cost
+    that dominates small leaves. Under ``vmap`` each reduction covers the
+    whole batch, so that cost is shared, and packing instead copies the whole
+    batched gradient into a strided concatenation: on a 9k-parameter MLP's
+    step vmapped over 16 seeds, packing made the step 1.25x clip+sgd's, and
+    leaving the leaves alone 0.99x (one seed: packed 1.10x, alone 1.57x).
+    The batching rule therefore reduces each leaf on its own. ``custom_vmap``
+    has no reverse mode, so the function carries its own derivative, that of
+    the packed sums.
+    """
+
+    def packed(leaves: list[jax.Array]) -> jax.Array:
+        return sums(leaves, True)
+
+    batched_sums = jax.custom_batching.custom_vmap(packed)
+
+    @batched_sums.def_vmap
+    def _vmap_rule(
+        axis_size: int, in_batched: Any, leaves: list[jax.Array]
+    ) -> tuple[jax.Array, bool]:
+        (leaves_batched,) = in_batched
+        axes = [0 if b else None for b in leaves_batched]
+        alone = jax.vmap(
+            lambda xs: sums(xs, False), in_axes=(axes,), axis_size=axis_size
+        )
+        return alone(leaves), True
+
+    @jax.custom_jvp
+    def plain_sums(leaves: list[jax.Array]) -> jax.Array:
+        return batched_sums(leaves)
+
+    @plain_sums.defjvp
+    def _jvp(primals: Any, tangents: Any) -> tuple[jax.Array, jax.Array]:
+        return jax.jvp(packed, primals, tangents)
+
+    return plain_sums
 
 
 def _unless_finite(plain: jax.Array, rescaled: Callable[[], jax.Array]) -> jax.Array:
