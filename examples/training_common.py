@@ -371,6 +371,16 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lays out, writes (100 dpi, creating the folder) and closes ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def learning_rate_per_step(n_steps: int, schedule: optax.Schedule) -> np.ndarray:
     return np.asarray(jax.vmap(schedule)(jnp.arange(n_steps)))
 
@@ -417,7 +427,4 @@ def plot_run(
     ax.set_ylabel("h")
     ax.set_title("h = η·min(1, max(δ, γ/‖g‖))")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -199,46 +199,44 @@ def test_whole_program_benchmark_runs_and_reports(tmp_path):
         ]
     )  # fmt: skip
     rows = {(r["mode"], r["optimizer"]): r for r in record["rows"]}
-    assert len(rows) == 4
+    assert len(rows) == 6
     assert record["parameters"] == 4 * 8 + 8 + 8 * 2 + 2
     assert record["steps_per_seed"] == 8
     for (mode, name), r in rows.items():
         assert r["q25_s"] <= r["median_s"] <= r["q75_s"]
-        assert r["final_loss_finite"]
-        assert set(r["loop_body"]) == {
-            "conditional",
-            "while",
-            "copy",
-            "fusion",
-            "select",
-        }
+        if mode.startswith("step:"):  # the optimizer step alone, vmapped
+            assert r["seeds"] == 2 and "step_loop" not in r
+        else:
+            assert r["final_loss_finite"]
+            assert set(r["step_loop"]) == set(whole_program.STRUCTURE)
+            assert r["step_loop"]["fusion"] > 0  # the step loop was found
         if name.startswith("delta"):
             base = rows[(mode, whole_program.COUNTERPART[name])]
             assert r["ratio"] == pytest.approx(r["median_s"] / base["median_s"])
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == record["rows"]
     table = out.with_suffix(".md").read_text()
-    assert table.count("| jit(") == 4
+    assert table.count("| jit(") == 4 and table.count("| step: jit(vmap(") == 2
 
 
-def test_loop_body_counts_see_a_conditional_inside_a_scan():
+def test_step_loop_counts_see_a_conditional_inside_a_scan():
     import jax
     import jax.numpy as jnp
     import whole_program
 
     def loop(with_cond):
         def body(c, x):
+            c = jnp.tanh(c @ x)  # a matrix product marks the step's loop
             if with_cond:
-                c = jax.lax.cond(x > 0, lambda: c + x, lambda: c * x)
-            else:
-                c = c + x
-            return c, c
+                c = jax.lax.cond(c[0, 0] > 0, lambda: c + 1, lambda: c * 2)
+            return c, c[0, 0]
 
-        return jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs))
+        return jax.jit(lambda c, xs: jax.lax.scan(body, c, xs))
 
-    xs = jnp.arange(5.0) - 2
+    c, xs = jnp.ones((4, 4)), jnp.ones((5, 4, 4))
     counts = [
-        whole_program.loop_body_counts(loop(w).lower(xs).compile().as_text())
+        whole_program.step_loop_counts(loop(w).lower(c, xs).compile().as_text())
         for w in (True, False)
     ]
     assert counts[0]["conditional"] == 1
     assert counts[1]["conditional"] == 0
+    assert counts[1]["fusion"] > 0
