@@ -140,15 +140,17 @@ def square_sums(
     flat = [list(leaves) for leaves, _ in groups]
     axes = [ax for _, ax in groups]
 
+    def regrouped(flat: list[list[jax.Array]]) -> list[Group]:
+        return list(zip(flat, axes, strict=True))
+
     def portable(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
-        return _portable_sums(list(zip(flat, axes, strict=True)), per_leaf)
+        return _portable_sums(regrouped(flat), per_leaf)
 
     def gpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
-        groups = list(zip(flat, axes, strict=True))
-        return _portable_sums(groups, per_leaf, _xla_gpu.two_sums)
+        return _portable_sums(regrouped(flat), per_leaf, _xla_gpu.two_sums)
 
     def cpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
-        return _xla_cpu.square_sums(list(zip(flat, axes, strict=True)), per_leaf)
+        return _xla_cpu.square_sums(regrouped(flat), per_leaf)
 
     paths = {"portable": portable, "gpu": gpu, "cpu": cpu}
     if path != "auto":

@@ -3,7 +3,7 @@
 ``_norm`` lowers this for CUDA and ROCm programs (``lax.platform_dependent``)
 and its plain portable sums everywhere else; the values are the same. One
 thing differs, measured on the deviceless H100 target (``jax[cuda12]`` 0.10.2,
-``benchmarks/whole_program.py --target gpu``):
+``benchmarks/whole_program.py --compile-for gpu``):
 
 * **One reduce instruction for both sums.** Written as two ``jnp.sum`` calls
   of the same leaf, XLA:GPU fuses them into one kernel for a gradient on its
