@@ -24,7 +24,7 @@ together in one compiled program, ``jax.jit(jax.vmap(...))`` over the seeds,
 as JAX's RL code trains its sweeps; ``metrics.json`` then holds each seed's
 results under ``seeds`` and their mean and spread under ``summary``.
 
-Run (about a minute on 2 CPU cores; 4 seeds in one program, about two):
+Run (each well under a minute on 2 CPU cores, the 4 seeds too):
 
     python examples/ppo.py --env CartPole-v1 --optimizer delta_gclip_adam --seed 0
     python examples/ppo.py --optimizer delta_gclip_adam --num-seeds 4
