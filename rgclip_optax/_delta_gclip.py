@@ -22,7 +22,13 @@ import numpy as np
 import optax
 
 from rgclip_optax import _skip_flag, _validation
-from rgclip_optax._norm import NORM_DTYPE, AxisName, accumulation_dtype, leaf_norms
+from rgclip_optax._norm import (
+    NORM_DTYPE,
+    AxisName,
+    accumulation_dtype,
+    leaf_norms,
+    per_leaf_map,
+)
 from rgclip_optax._select import zero_where
 from rgclip_optax._validation import bool_flags, inexact_leaves
 
@@ -198,9 +204,7 @@ def _is_static_zero(value: Any) -> bool:
 NORMS = ("global", "per_tensor")
 
 
-def _per_leaf_tree(
-    old: Any, n: int, present: list[int], values: list[jax.Array]
-) -> Any:
+def _per_leaf_tree(old: Any, n: int, present: list[int], values: jax.Array) -> Any:
     """``old`` (a per-tensor state field) with ``values[k]`` at the k-th leaf
     whose gradient is not ``None``; the other leaves keep their old value, so
     the state's structure does not change when a leaf gets no gradient (an
@@ -402,13 +406,22 @@ def scale_by_delta_gclip(
         present = [i for i, g in enumerate(grads) if g is not None]
 
         # One pass over the leaves for both variants: per-tensor keeps one
-        # norm per leaf instead of their total.
+        # norm per leaf (a vector) instead of their total.
         norms, finite = leaf_norms(grads, rep, axis_name, per_leaf=per_tensor)
-        factors = [delta_gclip_scale(n, gamma, delta) for n in norms]
+        skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
+
+        def factor_and_logged(n: jax.Array) -> tuple[jax.Array, jax.Array]:
+            # The factor applied, and the one the state logs (0 if skipped).
+            f = delta_gclip_scale(n, gamma, delta)
+            return f, jnp.where(skip, jnp.zeros([], NORM_DTYPE), f)
+
+        if per_tensor:
+            factors, new_scale = per_leaf_map(factor_and_logged, norms)
+        else:
+            factors, new_scale = factor_and_logged(norms)
         scales: list[Any] = [None] * len(grads)
         for k, i in enumerate(present):
-            scales[i] = factors[k] if per_tensor else factors[0]
-        skip = jnp.logical_and(skip_nonfinite, jnp.logical_not(finite))
+            scales[i] = factors[k] if per_tensor else factors
 
         if decays:
             ps, _ = jax.tree_util.tree_flatten(params, is_leaf=lambda x: x is None)
@@ -436,16 +449,14 @@ def scale_by_delta_gclip(
             out[i] = y
         new_updates = jax.tree_util.tree_unflatten(treedef, out)
 
-        zero = jnp.zeros([], NORM_DTYPE)
-        new_scales = [jnp.where(skip, zero, f) for f in factors]
         if per_tensor:
             new_norm = _per_leaf_tree(state.grad_norm, len(grads), present, norms)
-            new_scale = _per_leaf_tree(state.scale, len(grads), present, new_scales)
+            new_scale = _per_leaf_tree(state.scale, len(grads), present, new_scale)
         else:
             # float32 whatever the leaves (a float64 leaf under x64 included):
             # the state must keep init's dtypes to be a scan or loop carry.
-            new_norm = norms[0].astype(NORM_DTYPE)
-            new_scale = new_scales[0].astype(NORM_DTYPE)
+            new_norm = norms.astype(NORM_DTYPE)
+            new_scale = new_scale.astype(NORM_DTYPE)
         new_state = DeltaGClipState(
             grad_norm=new_norm,
             scale=new_scale,

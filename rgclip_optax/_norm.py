@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from rgclip_optax._validation import bool_flags, inexact_leaves
@@ -105,12 +106,16 @@ def _portable_sums(
     """Both sums in one read, one psum per group: the accelerator path."""
     plains, scaleds = [], []
     for leaves, axis_name in groups:
-        pairs = [leaf_square_sums(x, sums) for x in leaves]
-        both = jnp.stack([stack([p for p, _ in pairs], per_leaf),
-                          stack([s for _, s in pairs], per_leaf)])  # fmt: skip
-        both = psum(both, axis_name)
-        plains.append(both[0])
-        scaleds.append(both[1])
+        if not leaves:
+            continue
+        # Each leaf's two sums as a pair, added up pair by pair: under jit
+        # with sharded leaves, XLA then adds 2-vectors, not two scalars a
+        # leaf (on a 291-leaf model for a TPU pod: 614 scalar values instead
+        # of 1,645, each with its own buffer).
+        pairs = jnp.stack([jnp.stack(leaf_square_sums(x, sums)) for x in leaves])
+        both = psum(pairs if per_leaf else jnp.sum(pairs, axis=0), axis_name)
+        plains.append(both[..., 0].astype(NORM_DTYPE))
+        scaleds.append(both[..., 1].astype(NORM_DTYPE))
     return join(plains, per_leaf), join(scaleds, per_leaf)
 
 
@@ -118,7 +123,16 @@ def join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
     """The groups' sums: concatenated per leaf, else added."""
     # The start is float32: a bare jnp.zeros([]) is float64 under x64, and the
     # norm (and the state holding it) would change dtype after one step.
-    return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([], NORM_DTYPE))
+    if per_leaf:
+        return jnp.concatenate(parts) if parts else jnp.zeros([0], NORM_DTYPE)
+    return sum(parts, jnp.zeros([], NORM_DTYPE))
+
+
+def _path() -> str:
+    path = os.environ.get(PATH_ENV, "auto")
+    if path not in PATHS:
+        raise ValueError(f"{PATH_ENV} must be one of {PATHS}, got {path!r}.")
+    return path
 
 
 def square_sums(
@@ -134,9 +148,7 @@ def square_sums(
     # The CPU and GPU paths build on this module.
     from rgclip_optax import _xla_cpu, _xla_gpu
 
-    path = os.environ.get(PATH_ENV, "auto")
-    if path not in PATHS:
-        raise ValueError(f"{PATH_ENV} must be one of {PATHS}, got {path!r}.")
+    path = _path()
     flat = [list(leaves) for leaves, _ in groups]
     axes = [ax for _, ax in groups]
 
@@ -175,18 +187,54 @@ def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.
     return norm, finite_sum | jnp.isfinite(scaled)
 
 
+def per_leaf_map(
+    fn: Callable[..., tuple[jax.Array, ...]], *vectors: jax.Array
+) -> tuple[jax.Array, ...]:
+    """``fn`` (elementwise, returning a tuple) on vectors of per-leaf values,
+    materialized, for each leaf's update to read one entry of.
+
+    Written on the vectors and then sliced per leaf, XLA copies the vectors'
+    arithmetic into every leaf's update (compile time quadratic in the leaf
+    count). On TPU and GPU the results go through an optimization barrier, so
+    they are computed once (a 291-leaf model for a TPU pod: 5,410 unfused
+    scalar instructions as one computation per leaf). XLA:CPU drops the
+    barrier before fusing, so there each leaf's values are computed from its
+    own scalars (500 leaves compiled 2.6x longer as vectors).
+    """
+    n = vectors[0].shape[0] if vectors[0].ndim else 0
+    if n == 0:
+        return fn(*vectors)
+
+    def per_scalar(*vs: jax.Array) -> tuple[jax.Array, ...]:
+        outs = [fn(*(v[k] for v in vs)) for k in range(n)]
+        return tuple(jnp.stack(column) for column in zip(*outs, strict=True))
+
+    def on_vectors(*vs: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(lax.optimization_barrier(fn(*vs)))
+
+    path = _path()
+    if path == "cpu":
+        return per_scalar(*vectors)
+    if path != "auto":
+        return on_vectors(*vectors)
+    return tuple(lax.platform_dependent(*vectors, cpu=per_scalar, default=on_vectors))
+
+
 def leaf_norms(
     leaves: Sequence[Any],
     flags: Sequence[bool],
     axis_name: AxisName,
     *,
     per_leaf: bool = False,
-) -> tuple[list[jax.Array], jax.Array]:
-    """``(norms, all_finite)`` of the non-``None`` leaves.
+) -> tuple[jax.Array, jax.Array]:
+    """``(norm, all_finite)`` over the non-``None`` leaves.
 
     Leaves flagged replicated are counted once; the others are shards whose
-    sums are added over ``axis_name``. ``per_leaf``: one norm per non-``None``
-    leaf, in order; otherwise a list holding the global norm.
+    sums are added over ``axis_name``. ``norm`` is the global norm, or with
+    ``per_leaf`` a float32 vector holding one norm per non-``None`` leaf, in
+    order: the per-tensor norms are computed as one vector, not as a scalar
+    computation per leaf (5,410 unfused scalar instructions on a 291-leaf
+    model compiled for a TPU pod).
     """
     present = [i for i, x in enumerate(leaves) if x is not None]
     sharded = [i for i in present if not flags[i]]
@@ -197,17 +245,18 @@ def leaf_norms(
     ]
     plain, scaled = square_sums(groups, per_leaf=per_leaf)
     if not per_leaf:
-        norm, finite = norm_from_sums(plain, scaled)
-        return [norm], finite
+        return norm_from_sums(plain, scaled)
+    # A reduction, which XLA computes once (a flag per leaf would be copied
+    # into every leaf's update).
     finite = jnp.all(norm_from_sums(plain, scaled)[1])
-    # Per leaf, the norm is taken from scalars sliced off the sums: computed
-    # on the vectors, XLA copied the whole vector's arithmetic into each
-    # leaf's update (compile time quadratic in the leaf count: 22 s for 500).
-    position = {i: k for k, i in enumerate(sharded + copies)}
-    norms = [
-        norm_from_sums(plain[position[i]], scaled[position[i]])[0] for i in present
-    ]
-    return norms, finite
+    order = sharded + copies
+    if order != present:
+        # The sums come group by group; put them in the leaves' order.
+        position = {i: k for k, i in enumerate(order)}
+        index = np.array([position[i] for i in present], dtype=np.int32)
+        plain, scaled = plain[index], scaled[index]
+    (norm,) = per_leaf_map(lambda p, s: norm_from_sums(p, s)[:1], plain, scaled)
+    return norm, finite
 
 
 def global_norm(
@@ -261,5 +310,5 @@ def global_norm(
     inexact_leaves(tree)
     leaves = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0]
     flags = bool_flags("replicated", replicated, tree, "gradient")
-    (norm,), _ = leaf_norms(leaves, flags, axis_name)
+    norm, _ = leaf_norms(leaves, flags, axis_name)
     return norm

@@ -214,8 +214,9 @@ def test_gpu_path_reads_each_leaf_with_one_reduce(dtype, monkeypatch):
     text = jax.jit(lambda t: rgc.global_norm(t)).lower(tree).as_text("hlo")
     reduces = re.findall(r"= \((f32\[\], f32\[\])\) reduce\(", text)
     assert len(reduces) == 4, text
-    # The only single-output reductions add up the leaves' sums.
-    assert len(re.findall(r"= f32\[\] reduce\(", text)) == 2
+    # The only other reduction adds up the leaves' (plain, scaled) pairs.
+    assert len(re.findall(r"= f32\[2\](\{0\})? reduce\(", text)) == 1
+    assert len(re.findall(r"= f32\[\](\{\})? reduce\(", text)) == 0
 
 
 def test_auto_path_lowers_one_implementation_only():
