@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import pod as _pod  # noqa: E402  (benchmarks/pod.py, no jax at import)
+
 TARGETS = ("cpu", "tpu", "gpu")
 OPTIMIZERS = (
     "sgd",
@@ -84,7 +87,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", choices=TARGETS, required=True)
+    p.add_argument("--target", choices=TARGETS, help="required without --pod")
     p.add_argument("--trees", nargs="+", default=["resnet18", "transformer"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--layouts", nargs="+", default=["replicated", "fsdp"])
@@ -99,7 +102,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="output path without suffix "
         "(default benchmarks/results/compiled_programs_<target>)",
     )
-    return p.parse_args(argv)
+    pod = p.add_argument_group(
+        "--pod", "a Llama-style decoder on TPU pods (in the jax[tpu] environment)"
+    )
+    pod.add_argument(
+        "--pod",
+        action="store_true",
+        help="compile the decoder's step for TPU pods; writes "
+        "compiled_programs_pod[_quick].{json,md}",
+    )
+    pod.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 0.06B model on v5e:4x4 (for CI); the checks are the same",
+    )
+    pod.add_argument(
+        "--pod-topologies",
+        nargs="+",
+        default=None,
+        help="'<chip>:<shape>[,megacore][,split]' (default: "
+        + ", ".join(_pod.TOPOLOGIES)
+        + ")",
+    )
+    pod.add_argument(
+        "--meshes", nargs="+", choices=_pod.MESH_KINDS, default=_pod.MESH_KINDS
+    )
+    pod.add_argument(
+        "--pod-layouts", nargs="+", choices=_pod.LAYOUTS, default=_pod.LAYOUTS
+    )
+    pod.add_argument("--steps", nargs="+", choices=_pod.STEPS, default=_pod.STEPS)
+    pod.add_argument("--tensor", type=int, default=4, help="tensor-parallel size")
+    pod.add_argument("--dtype", default="bfloat16")
+    default = _pod.LlamaConfig()
+    for field in ("vocab", "d_model", "layers", "mlp"):
+        pod.add_argument(
+            f"--{field.replace('_', '-')}", type=int, default=getattr(default, field)
+        )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 1 if a δ-GClip row fails a target (a regression guard)",
+    )
+    args = p.parse_args(argv)
+    if not args.pod and args.target is None:
+        p.error("--target is required (or --pod)")
+    for name in ("vocab", "d_model", "layers", "mlp", "tensor"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            p.error(f"{flag} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def count(pattern: str, text: str) -> int:
@@ -170,6 +221,36 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> Any:
     return P()
 
 
+def sharded_state(tx: Any, params: Any, specs: Any, mesh: Any) -> Any:
+    """``tx.init(params)`` as ``ShapeDtypeStruct`` s, each parameter-shaped
+    leaf with its parameter's partition spec and the rest replicated."""
+    import jax
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    abstract_state = jax.eval_shape(tx.init, params)
+    state_specs = optax.tree_map_params(
+        tx.init,
+        lambda _, spec: spec,
+        abstract_state,
+        specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    return jax.tree.map(
+        lambda a, spec: jax.ShapeDtypeStruct(
+            a.shape,
+            a.dtype,
+            # Per-tensor norms are scalars in the params' tree structure.
+            sharding=NamedSharding(mesh, spec if a.ndim else P()),
+        ),
+        abstract_state,
+        state_specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
 def compile_step(
     mesh: Any, shapes: dict[str, tuple[int, ...]], dtype: str, layout: str, opt: str
 ) -> Any:
@@ -186,26 +267,7 @@ def compile_step(
         for k, s in shapes.items()
     }
     tx = make_tx(opt)
-    abstract_state = jax.eval_shape(tx.init, params)
-    state_specs = optax.tree_map_params(
-        tx.init,
-        lambda _, spec: spec,
-        abstract_state,
-        specs,
-        transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, P),
-    )
-    state = jax.tree.map(
-        lambda a, spec: jax.ShapeDtypeStruct(
-            a.shape,
-            a.dtype,
-            # Per-tensor norms are scalars in the params' tree structure.
-            sharding=NamedSharding(mesh, spec if a.ndim else P()),
-        ),
-        abstract_state,
-        state_specs,
-        is_leaf=lambda x: isinstance(x, P),
-    )
+    state = sharded_state(tx, params, specs, mesh)
 
     def step(p: Any, s: Any, g: Any) -> Any:
         u, s = tx.update(g, s, p)
@@ -276,8 +338,30 @@ def meshes(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return out
 
 
+def pod_main(args: argparse.Namespace) -> dict[str, Any]:
+    """``--pod``: the decoder's step on TPU pods, checked against Optax."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    sys.path.insert(0, str(ROOT))
+    args.topologies = args.pod_topologies
+    args.layouts = args.pod_layouts
+    record = _pod.run(args)
+    name = "compiled_programs_pod" + ("_quick" if args.quick else "")
+    out = args.out or ROOT / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_pod.markdown(record))
+    print(f"wrote {out}.json and {out}.md")
+    failed = [c for c in record["checks"] if c["failed"]]
+    if args.strict and failed:
+        raise SystemExit(f"{len(failed)} δ-GClip row(s) fail their targets: {failed}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.pod:
+        return pod_main(args)
     dump_dir: Path | None = None
     if args.target == "cpu":
         flag = f"--xla_force_host_platform_device_count={CPU_DEVICES}"
@@ -295,7 +379,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import jax
     import optax
     from trees import tree_shapes

@@ -240,3 +240,75 @@ def test_step_loop_counts_see_a_conditional_inside_a_scan():
     assert counts[0]["conditional"] == 1
     assert counts[1]["conditional"] == 0
     assert counts[1]["fusion"] > 0
+
+
+def test_pod_model_has_the_llama_7b_leaves_and_parameters():
+    import pod
+
+    config = pod.LlamaConfig()
+    assert len(pod.llama_params(config, "unstacked")) == 291
+    assert len(pod.llama_params(config, "stacked")) == 12
+    assert pod.parameter_count(config) == 6_738_415_616
+    stacked = pod.llama_params(config, "stacked")
+    assert stacked["layers/wq"] == ((32, 4096, 4096), (None, "fsdp", "tensor"))
+    assert stacked["layers/attention_norm"] == ((32, 4096), (None, None))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        pod.llama_params(config, "scanned")
+
+
+def test_pod_report_reads_collectives_control_flow_and_scalars():
+    import pod
+
+    text = """HloModule m
+
+%fused (p: f32[4]) -> f32[] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %r = f32[]{:T(128)} reduce(%p, %z), dimensions={0}
+}
+
+ENTRY %main (a: f32[4]) -> f32[] {
+  %ar = (f32[]{:T(128)}, f32[]{:T(128)}, bf16[]{:T(256)}) all-reduce(%x, %y, %z)
+  %ars = (f32[2]{0}, f32[2]{0}) all-reduce-start(%v), channel_id=2
+  %ard = f32[2]{0} all-reduce-done(%ars)
+  %ag = bf16[8,16]{1,0} all-gather(%b), dimensions={0}
+  %g = f32[]{:T(128)} get-tuple-element(%ar), index=0
+  %s = f32[]{:T(128)} sqrt(%g)
+  %v8 = f32[8]{0} add(%q, %q)
+  %c = (f32[]) conditional(%pr, %t, %f), branch_computations={%t, %f}
+  ROOT %w = (s32[]) while(%init), condition=%cond, body=%body
+}
+"""
+    report = pod.hlo_report(text)
+    ar = report["collectives"]["all-reduce"]
+    # Three operands of 4 + 4 + 2 bytes, and one async all-reduce of an f32[2].
+    assert ar == {"count": 2, "operands": 4, "bytes": 18}
+    assert report["collectives"]["all-gather"] == {
+        "count": 1, "operands": 1, "bytes": 256
+    }  # fmt: skip
+    assert report["conditionals"] == 1 and report["whiles"] == 1
+    # The entry computation's scalar results only (not the fusion's reduce).
+    assert report["scalar_opcodes"] == {"get-tuple-element": 1, "sqrt": 1}
+    assert report["scalar_values"] == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pod", "--tensor", "0"], "--tensor must be at least 1, got 0"),
+        (["--pod", "--layers", "-1"], "--layers must be at least 1, got -1"),
+        ([], "--target is required"),
+    ],
+)
+def test_pod_arguments_are_checked(argv, message, capsys):
+    import compiled_programs as cp
+
+    with pytest.raises(SystemExit):
+        cp.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_pod_topology_options_are_checked():
+    import pod
+
+    with pytest.raises(ValueError, match=r"unknown topology option\(s\) \['mega'\]"):
+        pod.tpu_mesh("v4:4x4x8,mega", 4, "auto")
