@@ -106,16 +106,12 @@ def _portable_sums(
     """Both sums in one read, one psum per group: the accelerator path."""
     plains, scaleds = [], []
     for leaves, axis_name in groups:
-        if not leaves:
-            continue
-        # Each leaf's two sums as a pair, added up pair by pair: under jit
-        # with sharded leaves, XLA then adds 2-vectors, not two scalars a
-        # leaf (on a 291-leaf model for a TPU pod: 614 scalar values instead
-        # of 1,645, each with its own buffer).
-        pairs = jnp.stack([jnp.stack(leaf_square_sums(x, sums)) for x in leaves])
-        both = psum(pairs if per_leaf else jnp.sum(pairs, axis=0), axis_name)
-        plains.append(both[..., 0].astype(NORM_DTYPE))
-        scaleds.append(both[..., 1].astype(NORM_DTYPE))
+        pairs = [leaf_square_sums(x, sums) for x in leaves]
+        both = jnp.stack([stack([p for p, _ in pairs], per_leaf),
+                          stack([s for _, s in pairs], per_leaf)])  # fmt: skip
+        both = psum(both, axis_name)
+        plains.append(both[0])
+        scaleds.append(both[1])
     return join(plains, per_leaf), join(scaleds, per_leaf)
 
 
@@ -123,9 +119,7 @@ def join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
     """The groups' sums: concatenated per leaf, else added."""
     # The start is float32: a bare jnp.zeros([]) is float64 under x64, and the
     # norm (and the state holding it) would change dtype after one step.
-    if per_leaf:
-        return jnp.concatenate(parts) if parts else jnp.zeros([0], NORM_DTYPE)
-    return sum(parts, jnp.zeros([], NORM_DTYPE))
+    return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([], NORM_DTYPE))
 
 
 def _path() -> str:
