@@ -1,0 +1,343 @@
+"""What it costs to build a δ-GClip step: trace+lower, compile, and jaxpr size.
+
+Every user pays this on every ``jit`` of a training step. Measured the way a
+new user meets it: the donated step ``jax.jit(step, donate_argnums=(0, 1))
+.lower(params, state, grads)`` and then ``.compile()``, with the parameters
+given as ``ShapeDtypeStruct`` s (nothing is allocated), each δ-GClip step
+against its Optax counterpart, interleaved, medians of ``--reps`` in one
+process; a fresh optimizer and step function each time, so nothing is cached.
+
+    python benchmarks/build_cost.py                      # XLA:CPU, three trees
+    python benchmarks/build_cost.py --trees resnet18 --reps 1   # a quick look
+    python benchmarks/build_cost.py --pod                # TPU v5e 4x4, deviceless
+
+``--pod`` compiles the Llama-style decoder of ``compiled_programs.py --pod``
+(d_model 512, 32 layers: 291 leaves, bfloat16, FSDP x tensor sharding) for a TPU v5e 4x4
+without a TPU; run it with a Python that has ``jax[tpu]``.
+
+Targets (``--strict`` exits 1 past them; the regression guard):
+
+* trace+lower+compile ≤ 1.2x the counterpart's (≤ 2x for ``per_tensor``);
+* jaxpr equations (nested ones counted) ≤ 1.5x the counterpart's.
+
+Writes ``benchmarks/results/build_cost_<cpu|pod>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pod as _pod
+from trees import tree_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+TREES = ("resnet18", "transformer", "decoder")
+LR, GAMMA, DELTA = 0.1, 1.0, 1e-3
+# compiled_programs.py --pod's quick decoder with 32 layers: 291 leaves.
+DECODER = _pod.LlamaConfig(vocab=8_000, d_model=512, layers=32, mlp=1_408)
+
+
+def _steps() -> dict[str, tuple[Callable[[], Any], Callable[[], Any], float]]:
+    """``name -> (δ-GClip factory, Optax counterpart, build-time target)``."""
+    import jax
+    import optax
+
+    import rgclip_optax as rgc
+
+    def kernels(p: Any) -> Any:
+        return jax.tree.map(lambda x: x.ndim > 1, p)
+
+    clip = optax.clip_by_global_norm(GAMMA)
+    return {
+        "delta_gclip": (
+            lambda: rgc.delta_gclip(LR, GAMMA, DELTA),
+            lambda: optax.chain(clip, optax.sgd(LR)),
+            1.2,
+        ),
+        "momentum": (
+            lambda: rgc.delta_gclip(LR, GAMMA, DELTA, momentum=0.9),
+            lambda: optax.chain(clip, optax.sgd(LR, momentum=0.9)),
+            1.2,
+        ),
+        "nesterov": (
+            lambda: rgc.delta_gclip(LR, GAMMA, DELTA, momentum=0.9, nesterov=True),
+            lambda: optax.chain(clip, optax.sgd(LR, momentum=0.9, nesterov=True)),
+            1.2,
+        ),
+        "weight_decay_mask": (
+            lambda: rgc.delta_gclip(LR, GAMMA, DELTA, weight_decay=1e-4, mask=kernels),
+            lambda: optax.chain(
+                clip, optax.add_decayed_weights(1e-4, kernels), optax.sgd(LR)
+            ),
+            1.2,
+        ),
+        "rule_in_chain": (
+            lambda: optax.chain(rgc.scale_by_delta_gclip(GAMMA, DELTA), optax.sgd(LR)),
+            lambda: optax.chain(clip, optax.sgd(LR)),
+            1.2,
+        ),
+        "adamw_chain": (
+            lambda: rgc.skip_and_round(
+                optax.chain(
+                    rgc.scale_by_delta_gclip(GAMMA, DELTA, wide_updates=True),
+                    optax.adamw(1e-4, weight_decay=0.1),
+                )
+            ),
+            lambda: optax.chain(clip, optax.adamw(1e-4, weight_decay=0.1)),
+            1.2,
+        ),
+        "per_tensor": (
+            lambda: rgc.delta_gclip(LR, GAMMA, DELTA, norm="per_tensor"),
+            lambda: optax.chain(clip, optax.sgd(LR)),
+            2.0,
+        ),
+    }
+
+
+STEPS = (
+    "delta_gclip",
+    "momentum",
+    "nesterov",
+    "weight_decay_mask",
+    "rule_in_chain",
+    "adamw_chain",
+    "per_tensor",
+)
+
+
+def cpu_params(tree: str, dtype: str) -> Any:
+    """The tree's parameters as ``ShapeDtypeStruct`` s."""
+    import jax
+
+    if tree == "decoder":
+        shapes = {k: s for k, (s, _) in _pod.llama_params(DECODER, "unstacked").items()}
+    else:
+        shapes = tree_shapes(tree, 1.0)
+    return {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
+
+
+def count_equations(jaxpr: Any) -> int:
+    """Equations of a jaxpr, those of nested jaxprs (scan, cond, custom
+    rules' bodies) included."""
+    from jax.extend import core
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else [param]
+            for sub in subs:
+                if isinstance(sub, core.ClosedJaxpr):
+                    n += count_equations(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    n += count_equations(sub)
+    return n
+
+
+def build(
+    make_tx: Callable[[], Any], params: Any, state_of: Callable[[Any], Any]
+) -> dict[str, float]:
+    """Trace+lower and compile a fresh donated step; count its equations."""
+    import jax
+    import optax
+
+    tx = make_tx()
+    state = state_of(tx)
+
+    def step(p: Any, s: Any, g: Any) -> Any:
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    eqns = count_equations(jax.make_jaxpr(step)(params, state, params).jaxpr)
+    return {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "equations": eqns}
+
+
+def _median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def compare(
+    steps: list[str],
+    params: Any,
+    state_of: Callable[[Any], Any],
+    reps: int,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Each step and its counterpart, interleaved ``reps`` times; medians."""
+    catalog = _steps()
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for rep in range(reps):
+        for name in steps:
+            ours, theirs, _ = catalog[name]
+            # Alternate which goes first, so neither always meets a warm cache.
+            order = [("ours", ours), ("optax", theirs)]
+            for side, make in order if rep % 2 == 0 else order[::-1]:
+                samples.setdefault((name, side), []).append(
+                    build(make, params, state_of)
+                )
+    rows = []
+    for name in steps:
+        row: dict[str, Any] = {"case": label, "step": name, "target": catalog[name][2]}
+        for side in ("ours", "optax"):
+            s = samples[(name, side)]
+            row[side] = {
+                k: round(_median(s, k), 4)
+                for k in ("trace_lower_s", "compile_s", "equations")
+            }
+            row[side]["total_s"] = round(
+                _median(s, "trace_lower_s") + _median(s, "compile_s"), 4
+            )
+        o, t = row["ours"], row["optax"]
+        row["ratio"] = {
+            k: round(o[k] / t[k], 3)
+            for k in ("trace_lower_s", "compile_s", "total_s", "equations")
+        }
+        rows.append(row)
+        r = row["ratio"]
+        print(
+            f"{label} {name}: total {o['total_s']:.2f}/{t['total_s']:.2f} s "
+            f"({r['total_s']:.2f}x), equations {o['equations']:.0f}/"
+            f"{t['equations']:.0f} ({r['equations']:.2f}x)",
+            flush=True,
+        )
+    return rows
+
+
+def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+
+    rows = []
+    for tree in args.trees:
+        params = cpu_params(tree, args.dtype)
+
+        def state_of(tx: Any, p: Any = params) -> Any:
+            return jax.eval_shape(tx.init, p)
+
+        label = f"{tree} ({len(params)} leaves)"
+        rows += compare(args.steps, params, state_of, args.reps, label)
+    return rows
+
+
+def run_pod(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The quick decoder, unstacked, on a deviceless v5e 4x4 (FSDP x tensor)."""
+    import jax
+
+    mesh = _pod.tpu_mesh(_pod.QUICK_TOPOLOGIES[0], 4, "auto")
+    layout = _pod.llama_params(DECODER, "unstacked")
+
+    def state_of(tx: Any) -> Any:
+        return _pod.abstract_inputs(mesh, layout, "bfloat16", tx)[1]
+
+    params = _pod.abstract_inputs(mesh, layout, "bfloat16", _steps()["momentum"][1]())[
+        0
+    ]
+    with jax.set_mesh(mesh):
+        return compare(
+            args.steps, params, state_of, args.reps,
+            f"decoder on {_pod.QUICK_TOPOLOGIES[0]} ({len(params)} leaves)",
+        )  # fmt: skip
+
+
+def check(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows past a target, each named with its numbers."""
+    fails = []
+    for r in rows:
+        where = f"{r['case']} {r['step']}"
+        if r["ratio"]["total_s"] > r["target"]:
+            fails.append(
+                f"{where}: build {r['ratio']['total_s']:.2f}x > {r['target']}x"
+            )
+        if r["ratio"]["equations"] > 1.5:
+            fails.append(f"{where}: equations {r['ratio']['equations']:.2f}x > 1.5x")
+    return fails
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        f"# Build cost: {record['platform']}, {record['date']}",
+        "",
+        f"jax {record['jax']}, {record['machine']}. The donated step lowered "
+        "from `ShapeDtypeStruct` s, then compiled; δ-GClip and its Optax "
+        f"counterpart interleaved, medians of {record['reps']} in one process. "
+        "Seconds; ratios δ-GClip / counterpart.",
+        "",
+        "| case | step | trace+lower s | compile s | total s (ratio, target) "
+        "| jaxpr equations (ratio) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        o, t, q = r["ours"], r["optax"], r["ratio"]
+        lines.append(
+            f"| {r['case']} | {r['step']} "
+            f"| {o['trace_lower_s']:.2f} / {t['trace_lower_s']:.2f} "
+            f"| {o['compile_s']:.2f} / {t['compile_s']:.2f} "
+            f"| {o['total_s']:.2f} / {t['total_s']:.2f} "
+            f"(**{q['total_s']:.2f}x**, ≤ {r['target']}x) "
+            f"| {o['equations']:.0f} / {t['equations']:.0f} ({q['equations']:.2f}x) |"
+        )
+    fails = record["failures"]
+    lines += ["", f"Targets: {'PASS' if not fails else 'FAIL'}"]
+    lines += [f"- {f}" for f in fails]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trees", nargs="+", choices=TREES, default=list(TREES))
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    p.add_argument(
+        "--pod", action="store_true", help="the decoder on a deviceless TPU v5e 4x4"
+    )
+    p.add_argument("--out", type=Path, default=None, help="path without suffix")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if a row misses a target"
+    )
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    rows = run_pod(args) if args.pod else run_cpu(args)
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "platform": "TPU v5e 4x4, deviceless" if args.pod else "XLA:CPU",
+        "jax": jax.__version__,
+        "machine": f"{platform.machine()}, {jax.local_device_count()} device(s)",
+        "reps": args.reps,
+        "rows": rows,
+        "failures": check(rows),
+    }
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "build_cost_pod" if args.pod else "build_cost_cpu"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+    return 1 if args.strict and record["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
