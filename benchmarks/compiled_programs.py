@@ -251,6 +251,16 @@ def sharded_state(tx: Any, params: Any, specs: Any, mesh: Any) -> Any:
     )
 
 
+def built_for(mesh: Any) -> Any:
+    """``rgc.target_platform`` for the mesh's devices: deviceless TPU and GPU
+    devices live beside a CPU default backend, and the shardings passed to
+    ``jit`` do not tell the library which compiler the step is for."""
+    import rgclip_optax as rgc
+
+    platform = mesh.devices.flat[0].platform
+    return rgc.target_platform("gpu" if platform in ("cuda", "rocm") else platform)
+
+
 def compile_step(
     mesh: Any, shapes: dict[str, tuple[int, ...]], dtype: str, layout: str, opt: str
 ) -> Any:
@@ -274,7 +284,9 @@ def compile_step(
         return optax.apply_updates(p, u), s
 
     step.__name__ = f"step_{opt}"
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    with built_for(mesh):
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+    return lowered.compile()
 
 
 def gpu_bytes(compiled: Any) -> float | None:

@@ -531,7 +531,8 @@ def compile_only(args: argparse.Namespace) -> dict[str, Any]:
             arg = jax.ShapeDtypeStruct(
                 (n,) if n > 1 else (), key_type, sharding=NamedSharding(mesh, P())
             )
-            compiled = fn.lower(arg).compile()
+            with cp.built_for(mesh):
+                compiled = fn.lower(arg).compile()
             row: dict[str, Any] = {"mode": mode, "seeds": n, "optimizer": name}
             row["step_loop"] = step_loop_counts(compiled.as_text() or "")
             mem = compiled.memory_analysis()

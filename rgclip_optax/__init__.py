@@ -1,31 +1,31 @@
 """δ-regularized gradient clipping (δ-GClip) for Optax.
 
-Where to find things:
+Where to find things, in the order a step runs:
 
-* the rule and its state: ``_delta_gclip.py`` (:func:`scale_by_delta_gclip`,
-  :class:`DeltaGClipState`);
-* the norm: ``_norm.py`` (:func:`global_norm`), and the form XLA:CPU is
-  given instead: ``_xla_cpu.py``;
-* the whole-step skip and single rounding around a chain:
-  ``_skip_and_round.py`` (:func:`skip_and_round`);
-* the optimizers, chains of the above: ``_alias.py`` (:func:`delta_gclip`,
-  :func:`gclip`);
-* hyperparameter and gradient-tree checks: ``_validation.py``;
-* the bit-mask selects of skipped steps: ``_select.py``;
-* finding the rule's state in any optimizer state, and reading it as arrays
-  for logging: ``_state.py`` (:func:`read_clip_state`).
+* the rule, :func:`scale_by_delta_gclip`, as a few small steps:
+  ``_delta_gclip.py``; its factor and regimes (:func:`delta_gclip_scale`,
+  :func:`delta_gclip_regime`): ``_factor.py``; its state
+  (:class:`DeltaGClipState`) and finding it in any optimizer state
+  (:func:`read_clip_state`): ``_state.py``;
+* the norm (:func:`global_norm`) and its one derivative: ``_norm.py``; the
+  sums of squares every backend shares: ``_sums.py``; the forms XLA:CPU and
+  XLA:GPU are given instead, each workaround with its measurement:
+  ``_xla_cpu.py``, ``_xla_gpu.py``; which one is traced
+  (:func:`target_platform`): ``_platform.py``;
+* the whole-step skip and single rounding around a chain
+  (:func:`skip_and_round`): ``_skip_and_round.py``;
+* the optimizers, chains of the above (:func:`delta_gclip`, :func:`gclip`):
+  ``_alias.py``;
+* hyperparameter and gradient-tree checks: ``_validation.py``.
 """
 
 from rgclip_optax._alias import delta_gclip, gclip
-from rgclip_optax._delta_gclip import (
-    DeltaGClipState,
-    delta_gclip_regime,
-    delta_gclip_scale,
-    scale_by_delta_gclip,
-)
+from rgclip_optax._delta_gclip import scale_by_delta_gclip
+from rgclip_optax._factor import delta_gclip_regime, delta_gclip_scale
 from rgclip_optax._norm import global_norm
+from rgclip_optax._platform import target_platform
 from rgclip_optax._skip_and_round import skip_and_round
-from rgclip_optax._state import read_clip_state
+from rgclip_optax._state import DeltaGClipState, read_clip_state
 
 __version__ = "0.1.0"
 
@@ -39,4 +39,5 @@ __all__ = [
     "read_clip_state",
     "scale_by_delta_gclip",
     "skip_and_round",
+    "target_platform",
 ]

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rgclip_optax import _skip_flag, _validation
+from rgclip_optax import _validation
 from rgclip_optax._delta_gclip import scale_by_delta_gclip, wide_dtype
-from rgclip_optax._norm import AxisName
 from rgclip_optax._skip_and_round import hold_state, round_updates, skip_and_round
+from rgclip_optax._sums import AxisName
 
 
 def _decayed(g: jax.Array, t: jax.Array, decay: jax.Array) -> jax.Array:
@@ -69,7 +69,7 @@ def _with_momentum(
       the old and the new trace instead, the parameter update read the old
       trace after the held one was written in place, and XLA copied every
       momentum buffer first (42.7 MB of temporaries for a float32 ResNet-18
-      on XLA:CPU). The other selects are bit masks (see ``_select``).
+      on XLA:CPU).
     """
     trace_link = optax.trace(decay=momentum, nesterov=nesterov)
     lr = optax.with_extra_args_support(optax.scale_by_learning_rate(learning_rate))
@@ -80,9 +80,8 @@ def _with_momentum(
         updates: Any, state: tuple[Any, ...], params: Any = None, **extra_args: Any
     ) -> tuple[Any, tuple[Any, ...]]:
         rule_old, trace_old, lr_old = state
-        with _skip_flag.collecting() as reports:
-            u, rule_new = rule.update(updates, rule_old, params)
-        skipped = _skip_flag.skipped(reports, rule_new, rule_old)
+        u, rule_new = rule.update(updates, rule_old, params)
+        skipped = rule_new.skipped
         old = trace_old.trace
         decay = jnp.where(skipped, 1.0, jnp.asarray(momentum, jnp.float32))
         no_grad = lambda x: x is None  # noqa: E731

@@ -1,6 +1,6 @@
 """The L2 norm of a gradient pytree, accumulated in float32, with no branch.
 
-Each leaf is read once and reduced to two float32 sums of squares:
+Each leaf is read once and reduced to two float32 sums of squares (``_sums``):
 
 * ``plain = sum(|x|**2)``, the usual one;
 * ``scaled = sum(|x * 2**-SCALE_EXPONENT|**2)``, the same sum with every entry
@@ -13,10 +13,16 @@ The norm is ``sqrt(plain)`` where ``plain`` is finite and the rescaled
 ``scaled`` otherwise (entries above ~1e19, the exploding gradients clipping
 exists for); a ``where`` picks it, so there is no conditional to sync a GPU's
 host or to gather a sharded gradient. ``scaled`` is finite exactly when every
-entry is, which gives the skip-on-NaN flag from the same read. Both sums go
-through one fused reduction on TPU, and through one variadic reduce
-instruction on GPUs (``_xla_gpu``); XLA:CPU reads the gradient once per sum,
-so there the second sum runs only when needed (see ``_xla_cpu``).
+entry is, which gives the skip-on-NaN flag from the same read.
+
+The sums have three implementations with the same values, and only the one
+for the compiler the step is built for is traced (``_platform``): TPUs fuse
+the two portable reductions into one pass (``_sums``); XLA:GPU gets them as
+one variadic reduce (``_xla_gpu``); XLA:CPU reads the gradient once per sum,
+so there the second sum runs only when needed (``_xla_cpu``). All three share
+one derivative, defined here: ``d plain = 2 sum(x dx)``, with non-finite
+entries of ``x`` read as 0, so that a skipped step (a NaN or an infinity in
+the gradient) has a zero derivative, not a NaN one.
 
 Global and per-tensor norms share this code: ``per_leaf`` keeps one sum per
 leaf instead of adding them up.
@@ -24,8 +30,8 @@ leaf instead of adding them up.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -33,100 +39,70 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rgclip_optax import _platform, _xla_cpu, _xla_gpu
+from rgclip_optax._sums import (
+    NORM_DTYPE,
+    SCALE_EXPONENT,
+    AxisName,
+    Group,
+    group_sums,
+    join,
+    psum,
+    stack,
+)
 from rgclip_optax._validation import bool_flags, inexact_leaves
 
-AxisName = Hashable | Sequence[Hashable] | None
-# Leaves with the mesh axes their partial sums are added over.
-Group = tuple[Sequence[jax.Array], AxisName]
-
-# The norm, the scale and the flag are float32 whatever the leaves' dtypes
-# (float64 leaves, with x64 enabled, accumulate in float64 first).
-NORM_DTYPE = jnp.float32
-
-# Entries are multiplied by 2**-96 in the second sum: float32's largest value
-# becomes ~4.3e9, whose square (1.8e19) leaves room to add up 1.8e19 of them.
-# Entries below ~8.7e9 then square to subnormals, but the scaled sum is used
-# only when the plain one overflowed (norm > 1.8e19), where they weigh < 1e-19
-# each relative to the total.
-SCALE_EXPONENT = 96
-
-# Which implementation lowers: "auto" (XLA:CPU and XLA:GPU their own, every
-# other platform the portable one, chosen at lowering by
-# lax.platform_dependent), or "portable", "gpu" or "cpu" everywhere. Read at
-# trace time; the tests use it to run the accelerator paths on a CPU.
-PATH_ENV = "RGCLIP_OPTAX_NORM_PATH"
-PATHS = ("auto", "portable", "gpu", "cpu")
+# (leaves in each group, the group's mesh axes), and per_leaf: what the sums'
+# derivative rule needs to know besides the leaves.
+_Layout = tuple[tuple[tuple[int, AxisName], ...], bool]
 
 
-def accumulation_dtype(dtype: Any) -> Any:
-    """float32 for every real float up to 32 bits (float8 and float16 too),
-    float64 for float64 and complex128 under x64."""
-    return jnp.float64 if jnp.finfo(dtype).bits == 64 else jnp.float32
+def _regroup(layout: _Layout, flat: Sequence[Any]) -> list[Group]:
+    groups: list[Group] = []
+    start = 0
+    for n, axis_name in layout[0]:
+        groups.append((list(flat[start : start + n]), axis_name))
+        start += n
+    return groups
 
 
-def two_sums(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sum v**2, sum (v * 2**-SCALE_EXPONENT)**2)`` of a real array, as two
-    reductions of the same read, which XLA:TPU fuses into one pass."""
-    c = jnp.asarray(2.0**-SCALE_EXPONENT, v.dtype)
-    return jnp.sum(v * v), jnp.sum((v * c) * (v * c))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _square_sums(layout: _Layout, flat: list[jax.Array]) -> tuple[Any, Any]:
+    groups, per_leaf = _regroup(layout, flat), layout[1]
+    path = _platform.norm_path()
+    if path == "cpu":
+        return _xla_cpu.square_sums(groups, per_leaf)
+    return group_sums(groups, per_leaf, _xla_gpu.two_sums if path == "gpu" else None)
 
 
-def leaf_square_sums(
-    x: jax.Array,
-    sums: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = two_sums,
-) -> tuple[jax.Array, jax.Array]:
-    """``(sum |x|**2, sum |x * 2**-SCALE_EXPONENT|**2)`` over one leaf,
-    converted to float32 (or float64) inside the reductions; ``sums`` takes
-    both over one real array."""
-    acc = accumulation_dtype(x.dtype)
-    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
-    pairs = [sums(p.astype(acc)) for p in parts]
-    plain = sum(p for p, _ in pairs)
-    small = sum(s for _, s in pairs)
-    return jnp.asarray(plain), jnp.asarray(small)
-
-
-def stack(values: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
-    """The float32 sums as one vector (``per_leaf``) or their total."""
-    if not values:
-        return jnp.zeros([0] if per_leaf else [], NORM_DTYPE)
-    v = jnp.stack([jnp.asarray(x).astype(NORM_DTYPE) for x in values])
-    return v if per_leaf else jnp.sum(v)
-
-
-def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    return x if axis_name is None else lax.psum(x, axis_name)
-
-
-def _portable_sums(
-    groups: Sequence[Group],
-    per_leaf: bool,
-    sums: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = two_sums,
-) -> tuple[jax.Array, jax.Array]:
-    """Both sums in one read, one psum per group: the accelerator path."""
-    plains, scaleds = [], []
-    for leaves, axis_name in groups:
-        pairs = [leaf_square_sums(x, sums) for x in leaves]
-        both = jnp.stack([stack([p for p, _ in pairs], per_leaf),
-                          stack([s for _, s in pairs], per_leaf)])  # fmt: skip
-        both = psum(both, axis_name)
-        plains.append(both[0])
-        scaleds.append(both[1])
-    return join(plains, per_leaf), join(scaleds, per_leaf)
-
-
-def join(parts: Sequence[jax.Array], per_leaf: bool) -> jax.Array:
-    """The groups' sums: concatenated per leaf, else added."""
-    # The start is float32: a bare jnp.zeros([]) is float64 under x64, and the
-    # norm (and the state holding it) would change dtype after one step.
-    return jnp.concatenate(parts) if per_leaf else sum(parts, jnp.zeros([], NORM_DTYPE))
-
-
-def _path() -> str:
-    path = os.environ.get(PATH_ENV, "auto")
-    if path not in PATHS:
-        raise ValueError(f"{PATH_ENV} must be one of {PATHS}, got {path!r}.")
-    return path
+@_square_sums.defjvp
+def _square_sums_jvp(
+    layout: _Layout, primals: Any, tangents: Any
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    # The same derivative for every implementation (XLA:CPU's holds a
+    # conditional and custom batching rules, XLA:GPU's a variadic reduce,
+    # neither of which JAX can transpose). Non-finite entries count as 0, so a
+    # skipped step's zero cotangent stays zero instead of 0 * NaN. The scaled
+    # sum multiplies x and dx by c each: XLA folds (x dx c) c into x dx c**2,
+    # and c**2 underflows float32.
+    (flat,), (dflat,) = primals, tangents
+    c = 2.0**-SCALE_EXPONENT
+    d_plain, d_scaled = [], []
+    for leaves, axis_name in _regroup(layout, [*zip(flat, dflat, strict=True)]):
+        pairs = []
+        for x, dx in leaves:
+            acc = jnp.promote_types(x.dtype, jnp.float32)
+            x = jnp.where(jnp.isfinite(x), x, jnp.zeros([], x.dtype)).astype(acc)
+            dx = dx.astype(acc)
+            plain = jnp.sum(jnp.real(jnp.conj(x) * dx))
+            scaled = jnp.sum(jnp.real(jnp.conj(x * c) * (dx * c)))
+            pairs.append((2 * plain, 2 * scaled))
+        parts = [stack([p[k] for p in pairs], layout[1]) for k in (0, 1)]
+        both = psum(jnp.stack(parts), axis_name)
+        d_plain.append(both[0])
+        d_scaled.append(both[1])
+    out = _square_sums(layout, flat)
+    return out, (join(d_plain, layout[1]), join(d_scaled, layout[1]))
 
 
 def square_sums(
@@ -139,46 +115,44 @@ def square_sums(
     scalars. On XLA:CPU, ``scaled`` is exact only where ``plain`` is not
     finite (it is not needed elsewhere).
     """
-    # The CPU and GPU paths build on this module.
-    from rgclip_optax import _xla_cpu, _xla_gpu
+    layout = (
+        tuple((len(leaves), _hashable(ax)) for leaves, ax in groups),
+        per_leaf,
+    )
+    return _square_sums(layout, [x for leaves, _ in groups for x in leaves])
 
-    path = _path()
-    flat = [list(leaves) for leaves, _ in groups]
-    axes = [ax for _, ax in groups]
 
-    def regrouped(flat: list[list[jax.Array]]) -> list[Group]:
-        return list(zip(flat, axes, strict=True))
-
-    def portable(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
-        return _portable_sums(regrouped(flat), per_leaf)
-
-    def gpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
-        return _portable_sums(regrouped(flat), per_leaf, _xla_gpu.two_sums)
-
-    def cpu(flat: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
-        return _xla_cpu.square_sums(regrouped(flat), per_leaf)
-
-    paths = {"portable": portable, "gpu": gpu, "cpu": cpu}
-    if path != "auto":
-        return paths[path](flat)
-    return lax.platform_dependent(flat, cpu=cpu, cuda=gpu, rocm=gpu, default=portable)
+def _hashable(axis_name: AxisName) -> AxisName:
+    return tuple(axis_name) if isinstance(axis_name, list) else axis_name
 
 
 def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(norm, all_finite)`` from the two sums, elementwise.
 
     ``norm`` is ``inf`` where it exceeds float32's range (entries still
-    finite), NaN if an entry is NaN and ``inf`` if an entry is infinite.
+    finite), NaN if an entry is NaN and ``inf`` if an entry is infinite. Each
+    square root reads a harmless operand where its result is not taken (and
+    a zero norm has derivative 0), so that no branch's derivative turns a
+    zero cotangent into NaN.
     """
     finite_sum = jnp.isfinite(plain)
-    # The branch not taken gets a harmless operand, so that its derivative
-    # (sqrt at an underflowed 0) cannot turn the gradient into NaN.
-    one = jnp.ones_like(scaled)
-    rescaled = jnp.sqrt(jnp.where(finite_sum, one, scaled)) * jnp.asarray(
+    finite_scaled = jnp.isfinite(scaled)
+
+    def root(x: jax.Array, ok: jax.Array) -> jax.Array:
+        ok = ok & (x > 0)
+        return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
+
+    rescaled = root(scaled, finite_scaled) * jnp.asarray(
         2.0**SCALE_EXPONENT, NORM_DTYPE
     )
-    norm = jnp.where(finite_sum, jnp.sqrt(plain), rescaled)
-    return norm, finite_sum | jnp.isfinite(scaled)
+    # A NaN or an infinite entry: the norm is NaN or inf, with no derivative.
+    nonfinite = lax.stop_gradient(scaled)
+    norm = jnp.where(
+        finite_sum,
+        root(plain, finite_sum),
+        jnp.where(finite_scaled, rescaled, nonfinite),
+    )
+    return norm, finite_sum | finite_scaled
 
 
 def per_leaf_map(
@@ -198,20 +172,10 @@ def per_leaf_map(
     n = vectors[0].shape[0] if vectors[0].ndim else 0
     if n == 0:
         return fn(*vectors)
-
-    def per_scalar(*vs: jax.Array) -> tuple[jax.Array, ...]:
-        outs = [fn(*(v[k] for v in vs)) for k in range(n)]
-        return tuple(jnp.stack(column) for column in zip(*outs, strict=True))
-
-    def on_vectors(*vs: jax.Array) -> tuple[jax.Array, ...]:
-        return tuple(lax.optimization_barrier(fn(*vs)))
-
-    path = _path()
-    if path == "cpu":
-        return per_scalar(*vectors)
-    if path != "auto":
-        return on_vectors(*vectors)
-    return tuple(lax.platform_dependent(*vectors, cpu=per_scalar, default=on_vectors))
+    if _platform.norm_path() != "cpu":
+        return tuple(lax.optimization_barrier(fn(*vectors)))
+    outs = [fn(*(v[k] for v in vectors)) for k in range(n)]
+    return tuple(jnp.stack(column) for column in zip(*outs, strict=True))
 
 
 def leaf_norms(
@@ -231,19 +195,23 @@ def leaf_norms(
     model compiled for a TPU pod).
     """
     present = [i for i, x in enumerate(leaves) if x is not None]
-    sharded = [i for i in present if not flags[i]]
-    copies = [i for i in present if flags[i]]
-    groups = [
-        ([leaves[i] for i in sharded], axis_name),
-        ([leaves[i] for i in copies], None),
-    ]
+    if axis_name is None:
+        order = present
+        groups: list[Group] = [([leaves[i] for i in present], None)]
+    else:
+        sharded = [i for i in present if not flags[i]]
+        copies = [i for i in present if flags[i]]
+        order = sharded + copies
+        groups = [
+            ([leaves[i] for i in sharded], axis_name),
+            ([leaves[i] for i in copies], None),
+        ]
     plain, scaled = square_sums(groups, per_leaf=per_leaf)
     if not per_leaf:
         return norm_from_sums(plain, scaled)
     # A reduction, which XLA computes once (a flag per leaf would be copied
     # into every leaf's update).
     finite = jnp.all(norm_from_sums(plain, scaled)[1])
-    order = sharded + copies
     if order != present:
         # The sums come group by group; put them in the leaves' order.
         position = {i: k for k, i in enumerate(order)}

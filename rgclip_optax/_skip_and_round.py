@@ -13,27 +13,10 @@ from typing import Any
 
 import jax
 import optax
+from jax import lax
 
-from rgclip_optax import _skip_flag
-from rgclip_optax._delta_gclip import DeltaGClipState
-from rgclip_optax._select import select, zero_where
-from rgclip_optax._state import is_rule_state, rule_states
-
-
-def rule_state(state: Any) -> DeltaGClipState:
-    """The one :class:`DeltaGClipState` inside an optimizer state, found by type.
-
-    Raises:
-      ValueError: if the state holds none, or more than one.
-    """
-    found = rule_states(state)
-    if len(found) != 1:
-        raise ValueError(
-            "skip_and_round needs a chain with exactly one "
-            "rgclip_optax.scale_by_delta_gclip in it (its DeltaGClipState tells "
-            f"which steps were skipped); the inner state holds {len(found)}."
-        )
-    return found[0]
+from rgclip_optax._delta_gclip import zero_if
+from rgclip_optax._state import find_rule_state, is_rule_state
 
 
 def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
@@ -50,16 +33,16 @@ def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
             return o
         if is_rule_state(n) or not hasattr(o, "dtype"):
             return n
-        return select(skipped, o, n.astype(o.dtype))
+        return lax.select_n(skipped, n.astype(o.dtype), o)
 
     return jax.tree.map(hold, new, old, is_leaf=lambda x: x is None or is_rule_state(x))
 
 
 def round_updates(skipped: jax.Array, new: Any, grads: Any) -> Any:
     """Each leaf of ``new`` cast once to its gradient leaf's dtype, and zero
-    (bit masks, see ``_select``) where the step was skipped."""
+    where the step was skipped."""
     return jax.tree.map(
-        lambda n, g: None if g is None else zero_where(skipped, n.astype(g.dtype)),
+        lambda n, g: None if g is None else zero_if(skipped, n.astype(g.dtype)),
         new,
         grads,
         is_leaf=lambda x: x is None,
@@ -77,7 +60,7 @@ def skip_and_round(
     ``inner`` it adds:
 
     * **Whole-step skips.** When the rule skips a gradient with a NaN or an
-      infinity (its ``nonfinite_count`` grows), the updates are exact zeros and
+      infinity (its state's ``skipped`` flag), the updates are exact zeros and
       every other leaf of the state (momentum, schedule counts, Adam's moments)
       is held as it was, as :func:`optax.apply_if_finite` does, but reusing the
       finiteness flag that the norm already computed. Without the wrapper, the
@@ -139,15 +122,14 @@ def skip_and_round(
 
     def init_fn(params: Any) -> Any:
         state = inner.init(params)
-        rule_state(state)  # fail at init, not at the first step
+        find_rule_state(state, "skip_and_round")  # fail at init, not at a step
         return state
 
     def update_fn(
         updates: Any, state: Any, params: Any = None, **extra_args: Any
     ) -> tuple[Any, Any]:
-        with _skip_flag.collecting() as reports:
-            new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        skipped = _skip_flag.skipped(reports, rule_state(new_state), rule_state(state))
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        skipped = find_rule_state(new_state, "skip_and_round").skipped
         new_state = hold_state(skipped, new_state, state)
         return round_updates(skipped, new_updates, updates), new_state
 

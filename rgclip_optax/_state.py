@@ -1,4 +1,4 @@
-"""Finding the rule's :class:`DeltaGClipState` inside any optimizer state.
+"""The rule's state, :class:`DeltaGClipState`, and finding it in any optimizer state.
 
 The rule's state is found by its type, not by a position or a field name: in a
 chain, under :func:`optax.inject_hyperparams` or :class:`optax.MultiSteps`, in
@@ -9,23 +9,60 @@ which also matches a LayerNorm's ``scale`` parameter in Adam's moments.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rgclip_optax._delta_gclip import DeltaGClipState
+
+class DeltaGClipState(NamedTuple):
+    """State of :func:`scale_by_delta_gclip`, for logging and checkpoints.
+
+    The field names are distinct from every hyperparameter name, so
+    ``optax.tree.get(opt_state, "grad_norm")`` finds them in any chain,
+    including under :func:`optax.inject_hyperparams`.
+
+    Attributes:
+      grad_norm: float32 scalar, the norm of the raw gradient at the last step
+        (before any scaling); NaN or inf on a step with non-finite entries.
+        With ``norm="per_tensor"``, a pytree of such scalars, one per leaf.
+      scale: float32 scalar, the factor ``s`` applied at the last step (so the
+        step size was ``h = learning_rate * s``); 0 on a skipped step. With
+        ``norm="per_tensor"``, a pytree of such scalars, one per leaf.
+      nonfinite_count: int32 scalar, how many steps were skipped because the
+        gradient held a NaN or an infinity.
+      skipped: bool scalar, whether the last step was skipped. Wrappers such
+        as :func:`skip_and_round` hold the rest of the state on it: read from
+        the new state, it costs no copy of the carried count in a compiled
+        training loop, as comparing the old and new counts did.
+    """
+
+    grad_norm: jax.Array
+    scale: jax.Array
+    nonfinite_count: jax.Array
+    skipped: jax.Array
 
 
 def is_rule_state(x: Any) -> bool:
     return isinstance(x, DeltaGClipState)
 
 
-def rule_states(state: Any) -> list[DeltaGClipState]:
-    """Every :class:`DeltaGClipState` inside ``state``, in tree order."""
-    return [
+def find_rule_state(state: Any, who: str) -> DeltaGClipState:
+    """The one :class:`DeltaGClipState` inside ``state``, found by type.
+
+    Raises:
+      ValueError: naming ``who`` needs it, if ``state`` holds none or several.
+    """
+    found = [
         x for x in jax.tree.leaves(state, is_leaf=is_rule_state) if is_rule_state(x)
     ]
+    if len(found) != 1:
+        raise ValueError(
+            f"{who} needs an optimizer state with exactly one DeltaGClipState "
+            "(one rgclip_optax.scale_by_delta_gclip rule); this one holds "
+            f"{len(found)}."
+        )
+    return found[0]
 
 
 def _is_variable(x: Any) -> bool:
@@ -45,7 +82,8 @@ def _unboxed(x: Any) -> jax.Array:
 
 
 def read_clip_state(opt_state: Any) -> DeltaGClipState:
-    """The rule's ``grad_norm``, ``scale`` and ``nonfinite_count`` as arrays.
+    """The rule's ``grad_norm``, ``scale``, ``nonfinite_count`` and ``skipped``
+    as arrays.
 
     Finds the one :class:`DeltaGClipState` inside any optimizer state, by its
     type, and returns it with plain arrays in its fields: from an Optax state
@@ -85,13 +123,10 @@ def read_clip_state(opt_state: Any) -> DeltaGClipState:
       >>> log = rgc.read_clip_state(state)
       >>> float(log.grad_norm), round(float(log.scale), 6), int(log.nonfinite_count)
       (50.0, 0.1, 0)
+      >>> bool(log.skipped)
+      False
     """
-    found = rule_states(opt_state)
-    if len(found) != 1:
-        raise ValueError(
-            "read_clip_state needs an optimizer state with exactly one "
-            f"DeltaGClipState (one rgclip_optax rule); this one holds {len(found)}."
-        )
+    found = find_rule_state(opt_state, "read_clip_state")
     return DeltaGClipState(
-        *(jax.tree.map(_unboxed, field, is_leaf=_is_variable) for field in found[0])
+        *(jax.tree.map(_unboxed, field, is_leaf=_is_variable) for field in found)
     )

@@ -1,9 +1,9 @@
 """The norm's sums of squares as XLA:CPU wants them.
 
-``_norm`` lowers this instead of its portable sums only when the program is
-compiled for CPU (``lax.platform_dependent``), so none of it reaches a GPU or
-TPU program. The values are the same; three things differ, each measured on a
-2-core x86-64 machine with jax and jaxlib 0.10.2 (their tests pass on 0.12.0.1):
+``_norm`` traces this instead of the portable sums only for programs built
+for XLA:CPU (``_platform``), so none of it reaches a GPU or TPU program. The
+values are the same; three things differ, each measured on a 2-core x86-64
+machine with jax and jaxlib 0.10.2 (their tests pass on 0.8.0 and 0.12.1):
 
 1. **The scaled sum only when needed.** XLA:CPU does not fuse two reductions
    of one array into one loop, so the portable path reads the gradient twice
@@ -44,7 +44,7 @@ import jaxlib
 import numpy as np
 from jax import lax
 
-from rgclip_optax._norm import (
+from rgclip_optax._sums import (
     SCALE_EXPONENT,
     Group,
     accumulation_dtype,
@@ -251,8 +251,8 @@ def _packed_unless_batched(
     step vmapped over 16 seeds, packing made the step 1.25x clip+sgd's, and
     leaving the leaves alone 0.99x (one seed: packed 1.10x, alone 1.57x).
     The batching rule therefore reduces each leaf on its own. ``custom_vmap``
-    has no reverse mode, so the function carries its own derivative, that of
-    the packed sums.
+    has no reverse mode; ``_norm`` differentiates the sums by its own rule,
+    so this is never differentiated.
     """
 
     def packed(leaves: list[jax.Array]) -> jax.Array:
@@ -271,15 +271,7 @@ def _packed_unless_batched(
         )
         return alone(leaves), True
 
-    @jax.custom_jvp
-    def plain_sums(leaves: list[jax.Array]) -> jax.Array:
-        return batched_sums(leaves)
-
-    @plain_sums.defjvp
-    def _jvp(primals: Any, tangents: Any) -> tuple[jax.Array, jax.Array]:
-        return jax.jvp(packed, primals, tangents)
-
-    return plain_sums
+    return batched_sums
 
 
 def _unless_finite(plain: jax.Array, rescaled: Callable[[], jax.Array]) -> jax.Array:
@@ -298,9 +290,7 @@ def _rescue(
     every call (the vmapped norm took 4.3x ``optax.tree.norm``'s time). The
     batching rule asks once for the whole batch instead: the scaled sums of
     every example are read only if some example's plain sum is not finite.
-    ``custom_vmap`` has no reverse mode, so the function carries its own
-    derivative: that of the plain sums where they are kept, else that of the
-    scaled sums.
+    Never differentiated (``_norm`` has the sums' rule).
     """
 
     def guarded(plain: jax.Array, leaves: list[jax.Array]) -> jax.Array:
@@ -319,16 +309,4 @@ def _rescue(
         batched = jax.vmap(scaled_sums, in_axes=(axes,), axis_size=axis_size)
         return _unless_finite(plain, lambda: batched(leaves)), True
 
-    @jax.custom_jvp
-    def rescue(plain: jax.Array, leaves: list[jax.Array]) -> jax.Array:
-        return batched_guard(plain, leaves)
-
-    @rescue.defjvp
-    def _jvp(primals: Any, tangents: Any) -> tuple[jax.Array, jax.Array]:
-        plain, leaves = primals
-        d_plain, d_leaves = tangents
-        out = rescue(plain, leaves)
-        _, d_scaled = jax.jvp(scaled_sums, (leaves,), (d_leaves,))
-        return out, jnp.where(jnp.isfinite(plain), d_plain, d_scaled)
-
-    return rescue
+    return batched_guard

@@ -1,7 +1,7 @@
 """The norm's two sums of squares as XLA:GPU wants them.
 
-``_norm`` lowers this for CUDA and ROCm programs (``lax.platform_dependent``)
-and its plain portable sums everywhere else; the values are the same. One
+``_norm`` traces this for CUDA and ROCm programs (``_platform``) and the
+portable sums of ``_sums`` for TPUs; the values are the same. One
 thing differs, measured on the deviceless H100 target (``jax[cuda12]`` 0.10.2,
 ``benchmarks/whole_program.py --compile-for gpu``):
 
@@ -22,33 +22,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rgclip_optax._norm import SCALE_EXPONENT
+from rgclip_optax._sums import SCALE_EXPONENT
 
 
-@jax.custom_jvp
 def two_sums(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sum v**2, sum (v * 2**-SCALE_EXPONENT)**2)`` of a real array, as one
-    variadic reduction: one read of ``v`` whatever the fusion passes decide."""
-    c = jnp.asarray(2.0**-SCALE_EXPONENT, v.dtype)
+    variadic reduction: one read of ``v`` whatever the fusion passes decide.
+
+    Not differentiated: ``_norm`` gives the sums one derivative for every
+    implementation (JAX would differentiate a variadic reduce through a tree
+    of pairwise reductions, and cannot transpose it).
+    """
+    w = v * jnp.asarray(2.0**-SCALE_EXPONENT, v.dtype)
     zero = jnp.zeros([], v.dtype)
     plain, scaled = lax.reduce(
-        (v * v, (v * c) * (v * c)),
+        (v * v, w * w),
         (zero, zero),
         lambda a, b: (a[0] + b[0], a[1] + b[1]),
         tuple(range(v.ndim)),
     )
     return plain, scaled
-
-
-@two_sums.defjvp
-def _two_sums_jvp(
-    primals: tuple[jax.Array], tangents: tuple[jax.Array]
-) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    # JAX would differentiate a variadic reduce through a tree of pairwise
-    # reductions (and cannot transpose it); the derivatives are plain linear
-    # sums. The scaled one multiplies by c twice, never by c**2, which
-    # underflows float32.
-    (v,), (dv,) = primals, tangents
-    c = jnp.asarray(2.0**-SCALE_EXPONENT, v.dtype)
-    two = jnp.asarray(2.0, v.dtype)
-    return two_sums(v), (two * jnp.sum(v * dv), two * jnp.sum((v * c) * (dv * c)))

@@ -282,42 +282,41 @@ def case_explicit_sharding():
                 for g in jax.tree.leaves(jax.tree.map(lambda a: a * 3 + 1, host))
             )
         )
-        for path in ("cpu", "portable", "gpu"):
-            os.environ["RGCLIP_OPTAX_NORM_PATH"] = path
-            got = jax.jit(lambda t: rgc.global_norm(t))(grads)
-            np.testing.assert_allclose(float(got), expected, rtol=1e-6)
-            for kw in ({"momentum": 0.9}, {"norm": "per_tensor"}):
-                tx = rgc.delta_gclip(0.1, 1.0, 0.05, **kw)
-                state = tx.init(params)
-                types0 = [jax.typeof(a).sharding for a in jax.tree.leaves(state)]
+        for path in ("cpu", "tpu", "gpu"):
+            with rgc.target_platform(path):
+                got = jax.jit(lambda t: rgc.global_norm(t))(grads)
+                np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+                for kw in ({"momentum": 0.9}, {"norm": "per_tensor"}):
+                    tx = rgc.delta_gclip(0.1, 1.0, 0.05, **kw)
+                    state = tx.init(params)
+                    types0 = [jax.typeof(a).sharding for a in jax.tree.leaves(state)]
 
-                @jax.jit
-                def step(p, s, g, tx=tx):
-                    u, s = tx.update(g, s, p)
-                    return optax.apply_updates(p, u), s
+                    @jax.jit
+                    def step(p, s, g, tx=tx):
+                        u, s = tx.update(g, s, p)
+                        return optax.apply_updates(p, u), s
 
-                p, s = params, state
-                for _ in range(2):
-                    p, s = step(p, s, grads)
-                    types = [jax.typeof(a).sharding for a in jax.tree.leaves(s)]
-                    assert types == types0, (types, types0)
-                for k in specs:
-                    assert p[k].sharding.is_equivalent_to(shard[k], p[k].ndim), k
-                # The same two steps on one device, unsharded.
-                ref_p, ref_s = host, tx.init(host)
-                for _ in range(2):
-                    u, ref_s = tx.update(
-                        jax.tree.map(lambda a: a * 3 + 1, host), ref_s, ref_p
-                    )
-                    ref_p = optax.apply_updates(ref_p, u)
-                for k in specs:
-                    np.testing.assert_allclose(
-                        np.asarray(p[k], np.float32),
-                        np.asarray(ref_p[k], np.float32),
-                        rtol=1e-2 if k == "bf16" else 1e-6,
-                        atol=1e-6,
-                    )
-        os.environ.pop("RGCLIP_OPTAX_NORM_PATH")
+                    p, s = params, state
+                    for _ in range(2):
+                        p, s = step(p, s, grads)
+                        types = [jax.typeof(a).sharding for a in jax.tree.leaves(s)]
+                        assert types == types0, (types, types0)
+                    for k in specs:
+                        assert p[k].sharding.is_equivalent_to(shard[k], p[k].ndim), k
+                    # The same two steps on one device, unsharded.
+                    ref_p, ref_s = host, tx.init(host)
+                    for _ in range(2):
+                        u, ref_s = tx.update(
+                            jax.tree.map(lambda a: a * 3 + 1, host), ref_s, ref_p
+                        )
+                        ref_p = optax.apply_updates(ref_p, u)
+                    for k in specs:
+                        np.testing.assert_allclose(
+                            np.asarray(p[k], np.float32),
+                            np.asarray(ref_p[k], np.float32),
+                            rtol=1e-2 if k == "bf16" else 1e-6,
+                            atol=1e-6,
+                        )
 
 
 def case_state_sharding_types():

@@ -13,15 +13,13 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 FLOAT8 = [jnp.float8_e4m3fn, jnp.float8_e5m2]
 
 
-@pytest.fixture(autouse=True, params=["cpu", "portable", "gpu"])
-def norm_path(request, monkeypatch):
+@pytest.fixture(autouse=True, params=["cpu", "tpu", "gpu"])
+def norm_path(request):
     """Every test here runs on the three implementations of the sums: XLA:CPU's,
-    the portable one that TPUs lower, and GPUs' one variadic reduce (both
+    the portable one that TPUs compile, and GPUs' one variadic reduce (both
     forced on this CPU)."""
-    from rgclip_optax import _norm
-
-    monkeypatch.setenv(_norm.PATH_ENV, request.param)
-    return request.param
+    with rgc.target_platform(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import jax
+import optax
 import pytest
+
+import rgclip_optax as rgc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -40,15 +43,11 @@ def step_loop(name, seeds=1):
 PAIRS = [("delta_gclip", "clip_sgd"), ("delta_gclip_momentum", "clip_sgd_momentum")]
 
 
-@pytest.mark.parametrize("path", ["portable", "gpu"])
+@pytest.mark.parametrize("path", ["tpu", "gpu"])
 @pytest.mark.parametrize("ours,peer", PAIRS)
-def test_accelerator_paths_add_no_control_flow_or_copy_to_the_loop(
-    path, ours, peer, monkeypatch
-):
-    from rgclip_optax import _norm
-
-    monkeypatch.setenv(_norm.PATH_ENV, path)
-    got, base = step_loop(ours), step_loop(peer)
+def test_accelerator_paths_add_no_control_flow_or_copy_to_the_loop(path, ours, peer):
+    with rgc.target_platform(path):
+        got, base = step_loop(ours), step_loop(peer)
     assert base["fusion"] > 0  # the step loop was found
     assert got["conditional"] == 0 and got["while"] == 0, got
     assert got["carried_copy"] <= base["carried_copy"], (got, base)
@@ -70,27 +69,39 @@ def test_xla_cpu_loop_has_only_the_rescue_conditional_and_no_carried_copy(
     assert got["copy"] <= base["copy"] + 1, (got, base)
 
 
-def test_the_chain_in_front_of_adam_adds_no_control_flow(monkeypatch):
+def test_the_chain_in_front_of_adam_adds_no_control_flow():
     # skip_and_round holds Adam's moments with selects between the old and
     # the new ones; the parameter update reads the old moments to recompute
     # the new, so XLA copies the held ones (every moment on XLA:CPU, the bias
     # moments on XLA:TPU; see docs/performance.md). No control flow, though.
-    from rgclip_optax import _norm
-
-    monkeypatch.setenv(_norm.PATH_ENV, "portable")
-    got = step_loop("delta_gclip_adam")
+    with rgc.target_platform("tpu"):
+        got = step_loop("delta_gclip_adam")
     assert got["conditional"] == 0 and got["while"] == 0, got
 
 
+def _skip_from_counts(inner):
+    """skip_and_round, but telling a skipped step from the rule's counts."""
+    from rgclip_optax._skip_and_round import hold_state, round_updates
+    from rgclip_optax._state import find_rule_state
+
+    def update(g, s, p=None, **extra):
+        u, new = inner.update(g, s, p, **extra)
+        old_count = find_rule_state(s, "test").nonfinite_count
+        skipped = find_rule_state(new, "test").nonfinite_count != old_count
+        return round_updates(skipped, u, g), hold_state(skipped, new, s)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def test_a_copy_of_a_carried_buffer_is_seen(monkeypatch):
-    # The control: without the rule's reported skip flag, skip_and_round
-    # compares the old and new counts, every parameter update reads the old
-    # count, and XLA:CPU copies the carried count in the loop body.
-    from rgclip_optax import _skip_flag
+    # The control: with the skip told from the old and new counts instead of
+    # the state's flag, every parameter update reads the old count, and
+    # XLA:CPU copies the carried count in the loop body.
+    from rgclip_optax import _alias
 
     base = step_loop("clip_sgd")
     assert step_loop("delta_gclip")["carried_copy"] == base["carried_copy"]
-    monkeypatch.setattr(_skip_flag, "report", lambda state, flag: None)
+    monkeypatch.setattr(_alias, "skip_and_round", _skip_from_counts)
     assert step_loop("delta_gclip")["carried_copy"] > base["carried_copy"]
 
 

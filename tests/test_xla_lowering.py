@@ -190,37 +190,33 @@ def _ops(text, op):
 
 
 @pytest.mark.parametrize("norm", ["global", "per_tensor"])
-def test_portable_path_compiles_to_no_conditional_or_loop(norm, monkeypatch):
+def test_portable_path_compiles_to_no_conditional_or_loop(norm):
     # What GPUs and TPUs lower: a conditional or loop there syncs the host
     # (XLA:GPU) or is charged as if its rare branch ran (TPU cost model).
-    from rgclip_optax import _norm
-
-    monkeypatch.setenv(_norm.PATH_ENV, "portable")
     tree = [jnp.ones((300, 300)), jnp.ones(7), jnp.ones((3, 3), jnp.bfloat16)]
     tx = rgc.delta_gclip(0.1, 1.0, 0.01, momentum=0.9, norm=norm)
-    text = _hlo(lambda g, s: tx.update(g, s, g), tree, tx.init(tree))
+    with rgc.target_platform("tpu"):
+        text = _hlo(lambda g, s: tx.update(g, s, g), tree, tx.init(tree))
     assert _ops(text, "conditional") == 0 and _ops(text, "while") == 0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gpu_path_reads_each_leaf_with_one_reduce(dtype, monkeypatch):
+def test_gpu_path_reads_each_leaf_with_one_reduce(dtype):
     # XLA:GPU split two jnp.sum calls of one leaf into two kernels inside a
     # training loop; one variadic reduce per leaf (and per complex part)
     # cannot be split.
-    from rgclip_optax import _norm
-
-    monkeypatch.setenv(_norm.PATH_ENV, "gpu")
     tree = [jnp.ones((64, 64), dtype), jnp.ones(7, dtype), jnp.ones(3, jnp.complex64)]
-    text = jax.jit(lambda t: rgc.global_norm(t)).lower(tree).as_text("hlo")
+    with rgc.target_platform("gpu"):
+        text = jax.jit(lambda t: rgc.global_norm(t)).lower(tree).as_text("hlo")
     reduces = re.findall(r"= \((f32\[\], f32\[\])\) reduce\(", text)
     assert len(reduces) == 4, text
-    # The only single-output reductions add up the leaves' sums.
-    assert len(re.findall(r"= f32\[\] reduce\(", text)) == 2
+    # No single-output reduction: the leaves' sums are added as scalars.
+    assert len(re.findall(r"= f32\[\] reduce\(", text)) == 0
 
 
 def test_auto_path_lowers_one_implementation_only():
-    # lax.platform_dependent resolves at lowering: the CPU program has the
-    # CPU path's single conditional and nothing of a platform switch.
+    # The default backend's path alone is traced: the CPU program has the CPU
+    # path's single conditional and nothing of a platform switch.
     text = _hlo(lambda t: rgc.global_norm(t), [jnp.ones(10), jnp.ones(3)])
     assert _ops(text, "conditional") == 1
 

@@ -24,7 +24,7 @@ def run_benchmark(script: str, out: Path, *args: str) -> dict:
     """``benchmarks/<script> ... --out out`` under ``RGCLIP_TPU_PYTHON``, on
     the library's own norm path selection; returns the JSON it wrote."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("RGCLIP_OPTAX_NORM_PATH", None)
+    env.pop("RGCLIP_OPTAX_TARGET_PLATFORM", None)
     # Deviceless compiles hold no TPU: tests running side by side (xdist)
     # need not wait for libtpu's one-process lock.
     env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
