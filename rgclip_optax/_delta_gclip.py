@@ -3,7 +3,8 @@
 One step, in order (each a small function below):
 
 1. the norm of the raw gradient: one over all leaves (``_norm.leaf_norms``),
-   or one per leaf with ``norm="per_tensor"``;
+   or one per leaf with ``norm="per_tensor"`` (``_norm.per_tensor_norms``,
+   which computes each leaf's factor in the same pass);
 2. the factor ``s = min(1, max(delta, gamma / ||g||))`` (``_factor``), 0 on a
    step that is skipped because the gradient is not finite;
 3. the updates ``s * (g + weight_decay * w)``, each leaf in its own dtype (or
@@ -24,7 +25,7 @@ from jax import lax
 
 from rgclip_optax import _validation
 from rgclip_optax._factor import delta_gclip_scale
-from rgclip_optax._norm import leaf_norms, per_leaf_map
+from rgclip_optax._norm import leaf_norms, per_tensor_norms, select
 from rgclip_optax._state import DeltaGClipState
 from rgclip_optax._sums import NORM_DTYPE, AxisName, accumulation_dtype
 from rgclip_optax._validation import bool_flags, inexact_leaves
@@ -74,8 +75,8 @@ def _factor(
     the select sends it a zero cotangent."""
     if skip is None:
         return delta_gclip_scale(norm, gamma, delta)
-    factor = delta_gclip_scale(jnp.where(skip, 1, norm), gamma, delta)
-    return jnp.where(skip, 0, factor)
+    factor = delta_gclip_scale(select(skip, 1.0, norm), gamma, delta)
+    return select(skip, 0.0, factor)
 
 
 def _skip_flag(skip_nonfinite: Any, finite: jax.Array) -> jax.Array | None:
@@ -86,7 +87,7 @@ def _skip_flag(skip_nonfinite: Any, finite: jax.Array) -> jax.Array | None:
     return jnp.logical_not(finite) if skip_nonfinite else None
 
 
-def _per_leaf_tree(old: Any, n: int, present: list[int], values: jax.Array) -> Any:
+def _per_leaf_tree(old: Any, n: int, present: list[int], values: list[Any]) -> Any:
     """``old`` (a per-tensor state field) with ``values[k]`` at the k-th leaf
     whose gradient is not ``None``; the other leaves keep their old value, so
     the state's structure does not change when a leaf gets no gradient (an
@@ -305,13 +306,12 @@ def scale_by_delta_gclip(
         grads, treedef = _flat(updates)
         decay = decay_terms(grads, params)
         rep = bool_flags("replicated", replicated, updates, "gradient")
-        norms, finite = leaf_norms(grads, rep, axis_name, per_leaf=per_tensor)
-        skip = _skip_flag(skip_nonfinite, finite)
         if per_tensor:
-            (factors,) = per_leaf_map(
-                lambda n: (_factor(n, skip, gamma, delta),), norms
-            )
-            present = [i for i, g in enumerate(grads) if g is not None]
+            present, norms, factors, finite = per_tensor_norms(
+                grads, rep, axis_name,
+                lambda n, ok: _factor(n, _skip_flag(skip_nonfinite, ok), gamma, delta),
+            )  # fmt: skip
+            skip = _skip_flag(skip_nonfinite, finite)
             leaf_factor = dict(zip(present, factors, strict=True))
             out = [
                 scaled(g, leaf_factor.get(i), decay[i], skip)
@@ -320,13 +320,15 @@ def scale_by_delta_gclip(
             logged_norm = _per_leaf_tree(state.grad_norm, len(grads), present, norms)
             logged_scale = _per_leaf_tree(state.scale, len(grads), present, factors)
         else:
-            factor = _factor(norms, skip, gamma, delta)
+            norm, finite = leaf_norms(grads, rep, axis_name)
+            skip = _skip_flag(skip_nonfinite, finite)
+            factor = _factor(norm, skip, gamma, delta)
             out = [
                 scaled(g, factor, d, skip) for g, d in zip(grads, decay, strict=True)
             ]
             # float32 whatever the leaves: the state must keep init's dtypes to
             # be a scan or loop carry.
-            logged_norm, logged_scale = norms, factor.astype(NORM_DTYPE)
+            logged_norm, logged_scale = norm, factor.astype(NORM_DTYPE)
         skipped = jnp.zeros([], jnp.bool_) if skip is None else skip
         new_state = DeltaGClipState(
             grad_norm=logged_norm,

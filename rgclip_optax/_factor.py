@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from rgclip_optax._sums import NORM_DTYPE
 
@@ -60,14 +61,15 @@ def delta_gclip_scale(grad_norm: Any, gamma: chex.Numeric, delta: chex.Numeric) 
     """
     gamma = jnp.asarray(gamma, NORM_DTYPE)
     delta = jnp.asarray(delta, NORM_DTYPE)
-    one = jnp.ones([], NORM_DTYPE)
 
     def factor(grad_norm: Any) -> jax.Array:
         norm = jnp.asarray(grad_norm, NORM_DTYPE)
-        # Only an exact zero is replaced: a NaN norm must stay NaN.
-        safe_norm = jnp.where(norm == 0, one, norm)
-        clipped = jnp.minimum(one, jnp.maximum(delta, gamma / safe_norm))
-        return jnp.where(norm <= gamma, one, clipped)
+        one = jnp.ones_like(norm)
+        # Only an exact zero is replaced: a NaN norm must stay NaN. Selects
+        # (not jnp.where, a nested jit): per-tensor norms build this per leaf.
+        safe_norm = lax.select_n(norm == 0, norm, one)
+        clipped = jnp.minimum(1.0, jnp.maximum(delta, gamma / safe_norm))
+        return lax.select_n(norm <= gamma, clipped, one)
 
     return _on_norms(factor, grad_norm)
 

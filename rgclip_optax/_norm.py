@@ -126,6 +126,22 @@ def _hashable(axis_name: AxisName) -> AxisName:
     return tuple(axis_name) if isinstance(axis_name, list) else axis_name
 
 
+def select(pred: jax.Array, on_true: Any, on_false: Any) -> jax.Array:
+    """``jnp.where`` as one ``select_n`` (a scalar ``pred`` is not broadcast):
+    ``jnp.where`` traces a nested ``jit`` and conversions, and the norm and
+    the factor are built from a dozen of them, once per leaf for per-tensor
+    norms on XLA:CPU."""
+    dtype = jnp.result_type(on_true, on_false)
+    shape = jnp.broadcast_shapes(
+        jnp.shape(pred), jnp.shape(on_true), jnp.shape(on_false)
+    )
+    t = jnp.broadcast_to(jnp.asarray(on_true, dtype), shape)
+    f = jnp.broadcast_to(jnp.asarray(on_false, dtype), shape)
+    if jnp.shape(pred) not in ((), shape):
+        pred = jnp.broadcast_to(pred, shape)
+    return lax.select_n(pred, f, t)
+
+
 def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(norm, all_finite)`` from the two sums, elementwise.
 
@@ -140,26 +156,27 @@ def norm_from_sums(plain: jax.Array, scaled: jax.Array) -> tuple[jax.Array, jax.
 
     def root(x: jax.Array, ok: jax.Array) -> jax.Array:
         ok = ok & (x > 0)
-        return jnp.where(ok, jnp.sqrt(jnp.where(ok, x, 1)), 0)
+        return select(ok, jnp.sqrt(select(ok, x, 1.0)), 0.0)
 
     rescaled = root(scaled, finite_scaled) * jnp.asarray(
         2.0**SCALE_EXPONENT, NORM_DTYPE
     )
     # A NaN or an infinite entry: the norm is NaN or inf, with no derivative.
     nonfinite = lax.stop_gradient(scaled)
-    norm = jnp.where(
+    norm = select(
         finite_sum,
         root(plain, finite_sum),
-        jnp.where(finite_scaled, rescaled, nonfinite),
+        select(finite_scaled, rescaled, nonfinite),
     )
     return norm, finite_sum | finite_scaled
 
 
 def per_leaf_map(
     fn: Callable[..., tuple[jax.Array, ...]], *vectors: jax.Array
-) -> tuple[jax.Array, ...]:
-    """``fn`` (elementwise, returning a tuple) on vectors of per-leaf values,
-    materialized, for each leaf's update to read one entry of.
+) -> tuple[list[jax.Array], ...]:
+    """``fn`` (elementwise, returning a tuple) on vectors of per-leaf values;
+    each of its outputs as a list of one scalar per leaf, for each leaf's
+    update to read its own.
 
     Written on the vectors and then sliced per leaf, XLA copies the vectors'
     arithmetic into every leaf's update (compile time quadratic in the leaf
@@ -167,32 +184,30 @@ def per_leaf_map(
     they are computed once; computed per leaf, they were 5,410 unfused scalar
     instructions on a 291-leaf model compiled for a TPU pod. XLA:CPU drops
     the barrier before fusing, so there each leaf's values are computed from
-    its own scalars (500 leaves compiled 2.8x longer as vectors).
+    its own scalars (jax 0.10.2, per-tensor steps as vectors compiled 1.7x
+    longer on ResNet-18 and 2.4x on a 291-leaf decoder:
+    ``benchmarks/build_cost.py``).
     """
-    n = vectors[0].shape[0] if vectors[0].ndim else 0
-    if n == 0:
-        return fn(*vectors)
+    n = vectors[0].shape[0]
     if _platform.norm_path() != "cpu":
-        return tuple(lax.optimization_barrier(fn(*vectors)))
-    outs = [fn(*(v[k] for v in vectors)) for k in range(n)]
-    return tuple(jnp.stack(column) for column in zip(*outs, strict=True))
+        outs = lax.optimization_barrier(fn(*vectors))
+        return tuple(
+            [x.reshape(()) for x in jnp.split(v, n)] if n else [] for v in outs
+        )
+    per_leaf = [fn(*(v[k] for v in vectors)) for k in range(n)]
+    if not per_leaf:
+        return tuple([] for _ in fn(*vectors))
+    return tuple(list(column) for column in zip(*per_leaf, strict=True))
 
 
-def leaf_norms(
-    leaves: Sequence[Any],
-    flags: Sequence[bool],
-    axis_name: AxisName,
-    *,
-    per_leaf: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """``(norm, all_finite)`` over the non-``None`` leaves.
+def leaf_sums(
+    leaves: Sequence[Any], flags: Sequence[bool], axis_name: AxisName, per_leaf: bool
+) -> tuple[list[int], jax.Array, jax.Array]:
+    """``(present, plain, scaled)``: the indices of the non-``None`` leaves
+    and their sums of squares (vectors in that order with ``per_leaf``).
 
     Leaves flagged replicated are counted once; the others are shards whose
-    sums are added over ``axis_name``. ``norm`` is the global norm, or with
-    ``per_leaf`` a float32 vector holding one norm per non-``None`` leaf, in
-    order: the per-tensor norms are computed as one vector, not as a scalar
-    computation per leaf (5,410 unfused scalar instructions on a 291-leaf
-    model compiled for a TPU pod).
+    sums are added over ``axis_name``.
     """
     present = [i for i, x in enumerate(leaves) if x is not None]
     if axis_name is None:
@@ -207,18 +222,42 @@ def leaf_norms(
             ([leaves[i] for i in copies], None),
         ]
     plain, scaled = square_sums(groups, per_leaf=per_leaf)
-    if not per_leaf:
-        return norm_from_sums(plain, scaled)
-    # A reduction, which XLA computes once (a flag per leaf would be copied
-    # into every leaf's update).
-    finite = jnp.all(norm_from_sums(plain, scaled)[1])
-    if order != present:
+    if per_leaf and order != present:
         # The sums come group by group; put them in the leaves' order.
         position = {i: k for k, i in enumerate(order)}
         index = np.array([position[i] for i in present], dtype=np.int32)
         plain, scaled = plain[index], scaled[index]
-    (norm,) = per_leaf_map(lambda p, s: norm_from_sums(p, s)[:1], plain, scaled)
-    return norm, finite
+    return present, plain, scaled
+
+
+def leaf_norms(
+    leaves: Sequence[Any], flags: Sequence[bool], axis_name: AxisName
+) -> tuple[jax.Array, jax.Array]:
+    """``(norm, all_finite)``: the global norm over the non-``None`` leaves."""
+    _, plain, scaled = leaf_sums(leaves, flags, axis_name, per_leaf=False)
+    return norm_from_sums(plain, scaled)
+
+
+def per_tensor_norms(
+    leaves: Sequence[Any],
+    flags: Sequence[bool],
+    axis_name: AxisName,
+    then: Callable[[jax.Array, jax.Array], jax.Array],
+) -> tuple[list[int], list[jax.Array], list[jax.Array], jax.Array]:
+    """``(present, norms, thens, all_finite)``: each non-``None`` leaf's norm,
+    and ``then(norm, all_finite)`` of it (the rule's factor), one scalar per
+    leaf, computed in one pass (``per_leaf_map``)."""
+    present, plain, scaled = leaf_sums(leaves, flags, axis_name, per_leaf=True)
+    # A reduction, which XLA computes once (a flag per leaf would be copied
+    # into every leaf's update).
+    finite = jnp.all(jnp.isfinite(plain) | jnp.isfinite(scaled))
+
+    def norm_and_then(p: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+        norm = norm_from_sums(p, s)[0]
+        return norm, then(norm, finite)
+
+    norms, thens = per_leaf_map(norm_and_then, plain, scaled)
+    return present, norms, thens, finite
 
 
 def global_norm(
@@ -272,5 +311,4 @@ def global_norm(
     inexact_leaves(tree)
     leaves = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)[0]
     flags = bool_flags("replicated", replicated, tree, "gradient")
-    norm, _ = leaf_norms(leaves, flags, axis_name)
-    return norm
+    return leaf_norms(leaves, flags, axis_name)[0]

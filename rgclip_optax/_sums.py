@@ -10,6 +10,8 @@ too; it imports none of them.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -64,7 +66,9 @@ def stack(values: Sequence[Any], per_leaf: bool) -> jax.Array:
     values = [jnp.asarray(x, NORM_DTYPE) for x in values]
     if per_leaf:
         return jnp.stack(values) if values else jnp.zeros([0], NORM_DTYPE)
-    return sum(values, jnp.zeros([], NORM_DTYPE))
+    if not values:
+        return jnp.zeros([], NORM_DTYPE)
+    return functools.reduce(operator.add, values)
 
 
 def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:

@@ -35,6 +35,8 @@ machine with jax and jaxlib 0.10.2 (their tests pass on 0.8.0 and 0.12.1):
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,36 +139,57 @@ def concatenate(flat: Sequence[jax.Array]) -> jax.Array:
     return lax.bitcast_convert_type(joined, dtype)
 
 
-def _reduce(v: jax.Array, scaled: bool, sizes: Sequence[int] | None) -> jax.Array:
-    """Sum of ``|v|**2`` (``sizes``: one sum per consecutive run of entries).
+def _wide(v: jax.Array, scaled: bool) -> bool:
+    """Whether ``v``'s scaled sum is accumulated in float64. Squares of
+    float16 and float8 entries cannot overflow float32; their scaled sum needs
+    no float64 (and XLA:CPU, which upcasts float16 reductions through a
+    float32 copy, would make a float64 copy instead)."""
+    largest = float(jnp.finfo(v.dtype).max)
+    return scaled and largest * largest * max(v.size, 1) > 1e38
 
-    ``scaled``: accumulated in float64 (where squares can overflow float32)
-    and multiplied by ``2**(-2 * SCALE_EXPONENT)``. No float32 entry's square
+
+def _x64(on: bool) -> Any:
+    # Only ever switched on: enable_x64(False) would switch a user's global
+    # x64 off here and truncate a float64 leaf's sum to float32. A context
+    # (thread-local) setting, restored on exit.
+    return jax.enable_x64(True) if on else contextlib.nullcontext()
+
+
+def _scaled_down(total: jax.Array) -> jax.Array:
+    """``total * 2**(-2 * SCALE_EXPONENT)`` as float32."""
+    c = 2.0**-SCALE_EXPONENT
+    # c**2 = 2**-192 is a float64 number, not a float32 one.
+    with _x64(total.dtype == jnp.float64):
+        out = total * (c * c) if total.dtype == jnp.float64 else total * c * c
+        return out.astype(jnp.float32)
+
+
+def _reduce(v: jax.Array, scaled: bool, sizes: Sequence[int] | None) -> jax.Array:
+    """Sum of ``|v|**2`` (``sizes``: one sum per consecutive run of entries),
+    in float64 for a scaled sum that could overflow float32 (``_wide``), not
+    yet multiplied by ``2**(-2 * SCALE_EXPONENT)`` (``_scaled_down``).
+
+    No float32 entry's square
     overflows float64, so this is the portable path's scaled sum to float32
     rounding. XLA:CPU fuses the float64 conversion into the reduction (8 bytes
     of temporaries for a 50M-entry leaf), where it wrote ``v * 2**-96`` (or
     ``v / max|v|``) out in full before reducing it: a leaf-sized buffer
     reserved every step.
     """
-    # Squares of float16 and float8 entries cannot overflow float32; their
-    # scaled sum needs no float64 (and XLA:CPU, which upcasts float16 reductions
-    # through a float32 copy, would make a float64 copy instead).
-    largest = float(jnp.finfo(v.dtype).max)
-    wide = scaled and largest * largest * max(v.size, 1) > 1e38
-    # Only ever switched on: enable_x64(False) would switch a user's global
-    # x64 off here and truncate a float64 leaf's sum to float32.
-    with jax.enable_x64(True) if wide else contextlib.nullcontext():
+    wide = _wide(v, scaled)
+    with _x64(wide):
         acc = jnp.float64 if wide else accumulation_dtype(v.dtype)
-        parts = [jnp.real(v), jnp.imag(v)] if jnp.iscomplexobj(v) else [v]
-        sq = sum(jnp.square(p.astype(acc)) for p in parts)
+        if jnp.iscomplexobj(v):
+            sq = jnp.square(jnp.real(v).astype(acc)) + jnp.square(
+                jnp.imag(v).astype(acc)
+            )
+        else:
+            sq = jnp.square(v.astype(acc))
         if sizes is None:
             total = jnp.sum(sq)
         else:
             ids = np.repeat(np.arange(len(sizes)), sizes)
             total = jax.ops.segment_sum(sq, ids, len(sizes), indices_are_sorted=True)
-        if scaled:
-            c = jnp.asarray(2.0**-SCALE_EXPONENT, total.dtype)
-            total = (total * c * c).astype(jnp.float32)
         return total
 
 
@@ -193,8 +216,22 @@ def _sums(
         else:
             totals.append(prev)
     if per_leaf:
+        if scaled:
+            values = [_scaled_down(v) for v in values]
         return stack(values, per_leaf=True)
-    return stack([values[i] for i in alone] + totals, per_leaf=False)
+    parts = [values[i] for i in alone] + totals
+    if not scaled:
+        return stack(parts, per_leaf=False)
+    # Added up in their own dtype, then scaled once per dtype.
+    by_dtype: dict[Any, list[jax.Array]] = {}
+    for x in parts:
+        by_dtype.setdefault(jnp.dtype(x.dtype), []).append(x)
+    return stack([_scaled_down(_added(xs)) for xs in by_dtype.values()], per_leaf=False)
+
+
+def _added(xs: list[jax.Array]) -> jax.Array:
+    with _x64(xs[0].dtype == jnp.float64):
+        return functools.reduce(operator.add, xs)
 
 
 def unshared(leaves: Sequence[jax.Array]) -> list[jax.Array]:

@@ -181,12 +181,15 @@ def test_per_leaf_norms_match_reference_with_packing_and_overflow(
 
     tree = mixed_tree(big_value=3e30)
     leaves = jax.tree.leaves(tree)
-    norms, finite = jax.jit(
-        lambda xs: _norm.leaf_norms(xs, [False] * len(xs), None, per_leaf=True)
+    _, norms, twice, finite = jax.jit(
+        lambda xs: _norm.per_tensor_norms(
+            xs, [False] * len(xs), None, lambda n, ok: 2 * n
+        )
     )(leaves)
     assert bool(finite)
     expected = [ref.norm(x) for x in leaves]
     np.testing.assert_allclose(np.asarray(norms), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(twice), 2 * np.asarray(expected), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", FLOAT8)
