@@ -26,6 +26,7 @@ Writes ``benchmarks/results/build_cost_<cpu|pod>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -145,9 +146,13 @@ def count_equations(jaxpr: Any) -> int:
 
 
 def build(
-    make_tx: Callable[[], Any], params: Any, state_of: Callable[[Any], Any]
+    make_tx: Callable[[], Any],
+    params: Any,
+    state_of: Callable[[Any], Any],
+    mesh: Any = None,
 ) -> dict[str, float]:
-    """Trace+lower and compile a fresh donated step; count its equations."""
+    """Trace+lower and compile a fresh donated step (under ``jax.set_mesh``
+    if a mesh is given); count its equations."""
     import jax
     import optax
 
@@ -158,12 +163,13 @@ def build(
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    t0 = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
-    t1 = time.perf_counter()
-    lowered.compile()
-    t2 = time.perf_counter()
-    eqns = count_equations(jax.make_jaxpr(step)(params, state, params).jaxpr)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        eqns = count_equations(jax.make_jaxpr(step)(params, state, params).jaxpr)
     return {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "equations": eqns}
 
 
@@ -177,6 +183,7 @@ def compare(
     state_of: Callable[[Any], Any],
     reps: int,
     label: str,
+    mesh: Any = None,
 ) -> list[dict[str, Any]]:
     """Each step and its counterpart, interleaved ``reps`` times; medians."""
     catalog = _steps()
@@ -188,7 +195,7 @@ def compare(
             order = [("ours", ours), ("optax", theirs)]
             for side, make in order if rep % 2 == 0 else order[::-1]:
                 samples.setdefault((name, side), []).append(
-                    build(make, params, state_of)
+                    build(make, params, state_of, mesh)
                 )
     rows = []
     for name in steps:
@@ -235,7 +242,6 @@ def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_pod(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The quick decoder, unstacked, on a deviceless v5e 4x4 (FSDP x tensor)."""
-    import jax
 
     mesh = _pod.tpu_mesh(_pod.QUICK_TOPOLOGIES[0], 4, "auto")
     layout = _pod.llama_params(DECODER, "unstacked")
@@ -246,11 +252,8 @@ def run_pod(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = _pod.abstract_inputs(mesh, layout, "bfloat16", _steps()["momentum"][1]())[
         0
     ]
-    with jax.set_mesh(mesh):
-        return compare(
-            args.steps, params, state_of, args.reps,
-            f"decoder on {_pod.QUICK_TOPOLOGIES[0]} ({len(params)} leaves)",
-        )  # fmt: skip
+    label = f"decoder on {_pod.QUICK_TOPOLOGIES[0]} ({len(params)} leaves)"
+    return compare(args.steps, params, state_of, args.reps, label, mesh)
 
 
 def check(rows: list[dict[str, Any]]) -> list[str]:
