@@ -15,6 +15,7 @@ One step, in order (each a small function below):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -24,6 +25,7 @@ import optax
 from jax import lax
 
 from rgclip_optax import _validation
+from rgclip_optax._adaptive import AdaptiveGamma
 from rgclip_optax._factor import delta_gclip_scale
 from rgclip_optax._norm import leaf_norms, per_tensor_norms, select
 from rgclip_optax._state import DeltaGClipState
@@ -105,7 +107,7 @@ def _per_leaf_tree(old: Any, n: int, present: list[int], values: list[Any]) -> A
 
 
 def scale_by_delta_gclip(
-    gamma: chex.Numeric,
+    gamma: chex.Numeric | AdaptiveGamma,
     delta: chex.Numeric = 1e-3,
     *,
     skip_nonfinite: bool = True,
@@ -152,7 +154,12 @@ def scale_by_delta_gclip(
     the same factor, :math:`s\,(g + \lambda w)`.
 
     Args:
-      gamma: the clipping threshold :math:`\gamma > 0` on the gradient norm.
+      gamma: the clipping threshold :math:`\gamma > 0` on the gradient norm,
+        or a threshold that adapts to the norm's history
+        (:func:`rgclip_optax.zscore_gamma`, :func:`rgclip_optax.percentile_gamma`),
+        whose running statistics the state keeps; the δ floor is then
+        relative to the threshold of each step. Adaptive thresholds need
+        ``norm="global"``.
       delta: the floor :math:`\delta \in [0, 1]` on the factor.
       skip_nonfinite: if true (the default), a step whose gradient has a
         non-finite entry outputs zero updates and is counted; if false, the
@@ -239,33 +246,67 @@ def scale_by_delta_gclip(
         gamma, delta, skip_nonfinite, norm, axis_name, replicated,
         weight_decay, mask, wide_updates,
     )  # fmt: skip
-    decays = weight_decay is not None and not _is_static_zero(weight_decay)
-    per_tensor = norm == "per_tensor"
+    rule = _Rule(
+        gamma=gamma,
+        delta=delta,
+        skip_nonfinite=skip_nonfinite,
+        per_tensor=norm == "per_tensor",
+        axis_name=axis_name,
+        replicated=replicated,
+        weight_decay=(
+            None
+            if weight_decay is None or _is_static_zero(weight_decay)
+            else weight_decay
+        ),
+        mask=mask,
+        wide_updates=wide_updates,
+    )
+    return optax.GradientTransformation(rule.init, rule.update)
 
-    def init_fn(params: Any) -> DeltaGClipState:
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Rule:
+    """The rule's options, and its ``init`` and ``update`` as small steps.
+
+    ``weight_decay`` is ``None`` unless it may be nonzero (a traced value
+    under ``optax.inject_hyperparams`` may be).
+    """
+
+    gamma: Any
+    delta: Any
+    skip_nonfinite: Any
+    per_tensor: bool
+    axis_name: AxisName
+    replicated: Any
+    weight_decay: Any
+    mask: Any
+    wide_updates: bool
+
+    def init(self, params: Any) -> DeltaGClipState:
         # No computation on the params: works on ShapeDtypeStructs.
         def scalar(value: float) -> Any:
-            if per_tensor:
+            if self.per_tensor:
                 return jax.tree.map(lambda _: jnp.full([], value, NORM_DTYPE), params)
             return jnp.full([], value, NORM_DTYPE)
 
+        adaptive = isinstance(self.gamma, AdaptiveGamma)
+        gamma = self.gamma.initial if adaptive else self.gamma
         return DeltaGClipState(
             grad_norm=scalar(0.0),
             scale=scalar(1.0),
             nonfinite_count=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.bool_),
+            threshold=jnp.asarray(gamma, NORM_DTYPE),
+            threshold_stats=self.gamma.init() if adaptive else (),
         )
 
-    def decay_terms(grads: list[Any], params: Any) -> list[Any]:
+    def decay_terms(self, grads: list[Any], params: Any) -> list[Any]:
         """``weight_decay * w`` (float32 or wider) per leaf, or ``None``."""
-        if not decays:
+        wd = self.weight_decay
+        if wd is None:
             return [None] * len(grads)
         if params is None:
-            shown = (
-                "traced"
-                if isinstance(weight_decay, jax.core.Tracer)
-                else repr(weight_decay)
-            )
+            shown = "traced" if isinstance(wd, jax.core.Tracer) else repr(wd)
             raise ValueError(
                 f"weight_decay is not statically 0 (it is {shown}), so "
                 "update() needs params: call tx.update(grads, state, params). "
@@ -276,9 +317,11 @@ def scale_by_delta_gclip(
         if len(ps) != len(grads):
             raise ValueError("params must have the same tree structure as the updates.")
         decayed = (
-            None if mask is None else bool_flags("mask", mask, params, "parameters")
+            None
+            if self.mask is None
+            else bool_flags("mask", self.mask, params, "parameters")
         )
-        wd = jnp.asarray(weight_decay, NORM_DTYPE)
+        wd = jnp.asarray(wd, NORM_DTYPE)
         return [
             None
             if p is None or (decayed is not None and not decayed[i])
@@ -286,7 +329,7 @@ def scale_by_delta_gclip(
             for i, p in enumerate(ps)
         ]
 
-    def scaled(g: Any, s: Any, decay: Any, skip: Any) -> Any:
+    def scaled(self, g: Any, s: Any, decay: Any, skip: Any) -> Any:
         """``s * (g + decay)`` in float32 or wider, in g's dtype unless the
         updates are wide, and zero on a skipped step."""
         if g is None:
@@ -295,50 +338,71 @@ def scale_by_delta_gclip(
         if decay is not None:
             y = y + decay.astype(y.dtype)
         y = y * s.astype(accumulation_dtype(g.dtype))
-        if not (wide_updates and not _is_float8(g.dtype)):
+        if not (self.wide_updates and not _is_float8(g.dtype)):
             y = y.astype(g.dtype)
         return y if skip is None else zero_if(skip, y)
 
-    def update_fn(
-        updates: Any, state: DeltaGClipState, params: Any = None
+    def global_step(
+        self, grads: list[Any], rep: list[bool], decay: list[Any], state: Any
+    ) -> tuple[list[Any], tuple[Any, ...], Any]:
+        """One norm and one factor: ``(updates, (norm, factor, threshold,
+        stats), skip)``."""
+        norm, finite = leaf_norms(grads, rep, self.axis_name)
+        skip = _skip_flag(self.skip_nonfinite, finite)
+        if isinstance(self.gamma, AdaptiveGamma):
+            threshold, stats = self.gamma.step(state.threshold_stats, norm)
+        else:
+            threshold, stats = jnp.asarray(self.gamma, NORM_DTYPE), ()
+        factor = _factor(norm, skip, threshold, self.delta)
+        out = [
+            self.scaled(g, factor, d, skip) for g, d in zip(grads, decay, strict=True)
+        ]
+        # float32 whatever the leaves: the state must keep init's dtypes to be
+        # a scan or loop carry.
+        return out, (norm, factor.astype(NORM_DTYPE), threshold, stats), skip
+
+    def per_tensor_step(
+        self, grads: list[Any], rep: list[bool], decay: list[Any], state: Any
+    ) -> tuple[list[Any], tuple[Any, ...], Any]:
+        """A norm and a factor per leaf, computed in one pass."""
+
+        def factor_of(norm: jax.Array, finite: jax.Array) -> jax.Array:
+            skip = _skip_flag(self.skip_nonfinite, finite)
+            return _factor(norm, skip, self.gamma, self.delta)
+
+        present, norms, factors, finite = per_tensor_norms(
+            grads, rep, self.axis_name, factor_of
+        )
+        skip = _skip_flag(self.skip_nonfinite, finite)
+        leaf_factor = dict(zip(present, factors, strict=True))
+        out = [
+            self.scaled(g, leaf_factor.get(i), decay[i], skip)
+            for i, g in enumerate(grads)
+        ]
+        logged_norm = _per_leaf_tree(state.grad_norm, len(grads), present, norms)
+        logged_scale = _per_leaf_tree(state.scale, len(grads), present, factors)
+        threshold = jnp.asarray(self.gamma, NORM_DTYPE)
+        return out, (logged_norm, logged_scale, threshold, ()), skip
+
+    def update(
+        self, updates: Any, state: DeltaGClipState, params: Any = None
     ) -> tuple[Any, DeltaGClipState]:
         inexact_leaves(updates)  # raises TypeError naming a bad leaf's path
         grads, treedef = _flat(updates)
-        decay = decay_terms(grads, params)
-        rep = bool_flags("replicated", replicated, updates, "gradient")
-        if per_tensor:
-            present, norms, factors, finite = per_tensor_norms(
-                grads, rep, axis_name,
-                lambda n, ok: _factor(n, _skip_flag(skip_nonfinite, ok), gamma, delta),
-            )  # fmt: skip
-            skip = _skip_flag(skip_nonfinite, finite)
-            leaf_factor = dict(zip(present, factors, strict=True))
-            out = [
-                scaled(g, leaf_factor.get(i), decay[i], skip)
-                for i, g in enumerate(grads)
-            ]
-            logged_norm = _per_leaf_tree(state.grad_norm, len(grads), present, norms)
-            logged_scale = _per_leaf_tree(state.scale, len(grads), present, factors)
-        else:
-            norm, finite = leaf_norms(grads, rep, axis_name)
-            skip = _skip_flag(skip_nonfinite, finite)
-            factor = _factor(norm, skip, gamma, delta)
-            out = [
-                scaled(g, factor, d, skip) for g, d in zip(grads, decay, strict=True)
-            ]
-            # float32 whatever the leaves: the state must keep init's dtypes to
-            # be a scan or loop carry.
-            logged_norm, logged_scale = norm, factor.astype(NORM_DTYPE)
+        decay = self.decay_terms(grads, params)
+        rep = bool_flags("replicated", self.replicated, updates, "gradient")
+        step = self.per_tensor_step if self.per_tensor else self.global_step
+        out, (norm, scale, threshold, stats), skip = step(grads, rep, decay, state)
         skipped = jnp.zeros([], jnp.bool_) if skip is None else skip
         new_state = DeltaGClipState(
-            grad_norm=logged_norm,
-            scale=logged_scale,
+            grad_norm=norm,
+            scale=scale,
             nonfinite_count=state.nonfinite_count + skipped.astype(jnp.int32),
             skipped=skipped,
+            threshold=threshold,
+            threshold_stats=stats,
         )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _check_arguments(
@@ -353,7 +417,14 @@ def _check_arguments(
     wide_updates: Any,
 ) -> None:
     """``scale_by_delta_gclip``'s checks of its concrete arguments."""
-    _validation.check_positive("gamma", gamma, allow_inf=True)
+    if isinstance(gamma, AdaptiveGamma):
+        if norm != "global":
+            raise ValueError(
+                "an adaptive gamma keeps statistics of the global norm: it needs "
+                f"norm='global', got norm={norm!r}."
+            )
+    else:
+        _validation.check_positive("gamma", gamma, allow_inf=True)
     _validation.check_interval("delta", delta, 0.0, 1.0)
     if weight_decay is not None:
         _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"))
