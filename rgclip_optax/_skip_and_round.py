@@ -9,14 +9,25 @@ low-precision update is rounded once, at the end (with the rule's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax import lax
 
+from rgclip_optax import _spikes
 from rgclip_optax._delta_gclip import zero_if
+from rgclip_optax._spikes import SpikeState
 from rgclip_optax._state import find_rule_state, is_rule_state
+
+
+class SkipAndRoundState(NamedTuple):
+    """:func:`skip_and_round`'s state with spike skipping on: the inner
+    chain's state, and the spike test's windows and count."""
+
+    inner: Any
+    spikes: SpikeState
 
 
 def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
@@ -51,6 +62,10 @@ def round_updates(skipped: jax.Array, new: Any, grads: Any) -> Any:
 
 def skip_and_round(
     inner: optax.GradientTransformation,
+    *,
+    spike_sigmas: float | None = None,
+    spike_window: int = 128,
+    spike_warmup: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs a chain around :func:`scale_by_delta_gclip` as one δ-GClip step.
 
@@ -88,16 +103,38 @@ def skip_and_round(
     The state is ``inner``'s own, unchanged in structure, so checkpoints and
     :func:`optax.tree.get` see the usual ``TraceState`` and schedule counts.
 
+    **Spike skipping** (``spike_sigmas``, off by default): a step whose
+    gradient norm, or whose loss when the update is given one as ``value``
+    (``tx.update(grads, state, params, value=loss)``, as
+    ``optax.contrib.reduce_on_plateau`` takes it), is more than
+    ``spike_sigmas`` standard deviations above the mean of the last
+    ``spike_window`` steps taken is skipped as a non-finite one is: zero
+    updates, the rest of the state held. Skipped steps do not enter the
+    windows (the rule's own state, its log and an adaptive threshold's
+    statistics, still records a spike, as it records a non-finite step; a
+    zscore threshold takes it in clipped). The state is then a
+    :class:`SkipAndRoundState`: ``inner``'s
+    state and a :class:`SpikeState` whose ``spike_count`` counts the spikes
+    (apart from the rule's ``nonfinite_count``).
+
     Args:
       inner: an optax transformation whose state contains exactly one
         :class:`DeltaGClipState`, anywhere (found by type, not by position).
+      spike_sigmas: how many standard deviations above the recent mean make
+        a spike, > 0; ``None`` (the default): no spike skipping.
+      spike_window: how many recent steps the mean and deviation are taken
+        over, >= 2 (128, as Levanter's skip-step).
+      spike_warmup: how many steps must be in the window before a spike can
+        be called, in [2, ``spike_window``]; default ``spike_window``.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with ``inner``'s state.
+      An :class:`optax.GradientTransformationExtraArgs` with ``inner``'s state
+      (with spike skipping, a :class:`SkipAndRoundState` around it).
 
     Raises:
       ValueError: from ``init`` or ``update``, if ``inner``'s state holds no
-        :class:`DeltaGClipState` or more than one.
+        :class:`DeltaGClipState` or more than one; at once, for spike options
+        out of range.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -119,18 +156,39 @@ def skip_and_round(
       0
     """
     inner = optax.with_extra_args_support(inner)
+    spikes = spike_sigmas is not None
+    sigmas, warmup = 0.0, 0
+    if spike_sigmas is not None:
+        warmup = _spikes.check(spike_sigmas, spike_window, spike_warmup)
+        sigmas = float(spike_sigmas)
 
     def init_fn(params: Any) -> Any:
         state = inner.init(params)
         find_rule_state(state, "skip_and_round")  # fail at init, not at a step
+        if spikes:
+            return SkipAndRoundState(state, _spikes.init(spike_window))
         return state
 
     def update_fn(
         updates: Any, state: Any, params: Any = None, **extra_args: Any
     ) -> tuple[Any, Any]:
-        new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        skipped = find_rule_state(new_state, "skip_and_round").skipped
-        new_state = hold_state(skipped, new_state, state)
+        inner_state = state.inner if spikes else state
+        new_updates, new_state = inner.update(
+            updates, inner_state, params, **extra_args
+        )
+        rule = find_rule_state(new_state, "skip_and_round")
+        skipped = rule.skipped
+        if spikes:
+            norm = _spikes.global_norm_of(rule.grad_norm)
+            loss = extra_args.get("value")
+            spike = _spikes.is_spike(
+                state.spikes, norm, loss, sigmas, warmup
+            ) & jnp.logical_not(skipped)
+            skipped = skipped | spike
+            spike_state = _spikes.update(state.spikes, norm, loss, skipped, spike)
+        new_state = hold_state(skipped, new_state, inner_state)
+        if spikes:
+            new_state = SkipAndRoundState(new_state, spike_state)
         return round_updates(skipped, new_updates, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

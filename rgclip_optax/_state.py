@@ -35,12 +35,19 @@ class DeltaGClipState(NamedTuple):
         as :func:`skip_and_round` hold the rest of the state on it: read from
         the new state, it costs no copy of the carried count in a compiled
         training loop, as comparing the old and new counts did.
+      threshold: float32 scalar, the clipping threshold ``gamma`` used at the
+        last step (the fixed one, or an adaptive one's; its initial value
+        before the first step).
+      threshold_stats: an adaptive threshold's running statistics
+        (:class:`ZScoreStats` or :class:`PercentileStats`), or ``()``.
     """
 
     grad_norm: jax.Array
     scale: jax.Array
     nonfinite_count: jax.Array
     skipped: jax.Array
+    threshold: jax.Array
+    threshold_stats: Any = ()
 
 
 def is_rule_state(x: Any) -> bool:

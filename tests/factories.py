@@ -101,6 +101,25 @@ OPTIMIZERS: list[Case] = [
         delta_gclip_in_front_of_adam,
         {"learning_rate": 3e-2, "gamma": 1.0, "delta": 0.1},
     ),
+    (
+        "delta_gclip_zscore_gamma",
+        rgc.delta_gclip,
+        {
+            "learning_rate": 1e-3,
+            "gamma": rgc.zscore_gamma(warmup=2, initial=1.0),
+            "delta": 0.1,
+            "momentum": 0.9,
+        },
+    ),
+    (
+        "delta_gclip_percentile_gamma",
+        rgc.delta_gclip,
+        {
+            "learning_rate": 1e-3,
+            "gamma": rgc.percentile_gamma(50, window=8, warmup=2, initial=1.0),
+            "delta": 0.1,
+        },
+    ),
 ]
 
 # The public factories themselves, for inject_hyperparams (whose arguments
@@ -113,6 +132,11 @@ FACTORIES: list[Case] = [
         {"gamma": 1.0, "delta": 0.1, "norm": "per_tensor", "skip_nonfinite": False},
     ),
     ("delta_gclip", rgc.delta_gclip, {"learning_rate": 0.1, "gamma": 1.0}),
+    (
+        "delta_gclip_zscore_gamma",
+        rgc.delta_gclip,
+        {"learning_rate": 0.1, "gamma": rgc.zscore_gamma(warmup=2), "delta": 0.1},
+    ),
     (
         "delta_gclip_momentum",
         rgc.delta_gclip,

@@ -6,15 +6,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_case(mode, out):
+def run_case(mode, out, variant):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    script = str(ROOT / "tests" / "checkpoint_cases.py")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "checkpoint_cases.py"), mode, str(out)],
+        [sys.executable, script, mode, str(out), variant],
         capture_output=True,
         text=True,
         env=env,
@@ -23,10 +25,12 @@ def run_case(mode, out):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
-    run_case("full", tmp_path)
-    run_case("first", tmp_path)
-    run_case("resume", tmp_path)  # a new process: nothing survives but the files
+@pytest.mark.parametrize("variant", ["fixed", "adaptive"])
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, variant):
+    # adaptive: zscore_gamma's statistics and the spike windows in the state.
+    run_case("full", tmp_path, variant)
+    run_case("first", tmp_path, variant)
+    run_case("resume", tmp_path, variant)  # a new process: only the files survive
     full = np.load(tmp_path / "full.npz")
     resumed = np.load(tmp_path / "resumed.npz")
     assert len(full.files) == len(resumed.files) > 0

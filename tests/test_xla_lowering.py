@@ -200,6 +200,31 @@ def test_portable_path_compiles_to_no_conditional_or_loop(norm):
     assert _ops(text, "conditional") == 0 and _ops(text, "while") == 0
 
 
+@pytest.mark.parametrize("gamma", ["zscore", "percentile"])
+def test_adaptive_threshold_and_spike_skipping_add_no_control_flow(gamma):
+    # What GPUs and TPUs compile: the threshold's statistics and the spike
+    # windows are array arithmetic (a sort for the percentile), no branch.
+    threshold = (
+        rgc.zscore_gamma(warmup=3)
+        if gamma == "zscore"
+        else rgc.percentile_gamma(window=16, warmup=3)
+    )
+    tx = rgc.skip_and_round(
+        optax.chain(
+            rgc.scale_by_delta_gclip(threshold, 0.01, wide_updates=True),
+            optax.scale_by_learning_rate(0.1),
+        ),
+        spike_sigmas=6.0, spike_window=16, spike_warmup=4,
+    )  # fmt: skip
+    tree = [jnp.ones((300, 300)), jnp.ones(7)]
+    with rgc.target_platform("tpu"):
+        text = _hlo(
+            lambda g, s: tx.update(g, s, g, value=jnp.float32(1.0)),
+            tree, tx.init(tree),
+        )  # fmt: skip
+    assert _ops(text, "conditional") == 0 and _ops(text, "while") == 0
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_path_reads_each_leaf_with_one_reduce(dtype):
     # XLA:GPU split two jnp.sum calls of one leaf into two kernels inside a
