@@ -23,7 +23,8 @@ NTK-parameterized bias-free MLPs, the theorem's random data and real digits):
 Writes ``adaptive_gamma.{md,json,png}`` under ``--results-dir``. ``--char-lm``
 asks both questions of ``examples/char_lm.py``'s transformer on the fortune
 files (its model, data and loss, 300 steps, warmup then cosine): δ-GClip
-(η = 1, δ = 1e-3) with fixed γ against the adaptive ones, and, with a
+(η = 1, δ = 1e-3) with fixed γ against the adaptive ones (at their defaults,
+and with ``initial=1`` for the warm-up), and, with a
 learning rate too high (δ-GClip at η = 4; AdamW at 3e-2, ten times the tuned
 one, with the loss passed for the spike test), without and with spike
 skipping. Writes ``adaptive_gamma_char_lm.{md,json}``.
@@ -438,6 +439,11 @@ def char_lm_configs() -> dict[str, Any]:
     }
     configs["q1/zscore"] = sgd_like(1.0, rgc.zscore_gamma())
     configs["q1/percentile"] = sgd_like(1.0, rgc.percentile_gamma())
+    # The defaults' warm-up is unclipped (initial=inf); with a threshold for it:
+    configs["q1/zscore, initial=1"] = sgd_like(1.0, rgc.zscore_gamma(initial=1.0))
+    configs["q1/percentile, initial=1"] = sgd_like(
+        1.0, rgc.percentile_gamma(initial=1.0)
+    )
     configs["q2/δ-GClip η=4, γ=1: no skip"] = sgd_like(4.0, 1.0)
     configs["q2/δ-GClip η=4, γ=1: skip"] = sgd_like(4.0, 1.0, **spike)
     configs["q2/AdamW 3e-2: no skip"] = adamw(3e-2)

@@ -312,3 +312,92 @@ def test_pod_topology_options_are_checked():
 
     with pytest.raises(ValueError, match=r"unknown topology option\(s\) \['mega'\]"):
         pod.tpu_mesh("v4:4x4x8,mega", 4, "auto")
+
+
+def test_build_cost_benchmark_runs_reports_and_guards(tmp_path):
+    # One tree, two steps, one sample: the table and JSON are written, the
+    # equation counts are those of the two programs, and --strict exits 1
+    # exactly when a row misses a target.
+    import build_cost
+
+    out = tmp_path / "bc"
+    argv = ["--trees", "resnet18", "--steps", "delta_gclip", "per_tensor",
+            "--reps", "1", "--out", str(out)]  # fmt: skip
+    code = build_cost.main(argv)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert code == 0
+    rows = {r["step"]: r for r in record["rows"]}
+    assert set(rows) == {"delta_gclip", "per_tensor"}
+    for r in rows.values():
+        assert r["ours"]["equations"] > 0 and r["optax"]["equations"] > 0
+        assert r["ours"]["total_s"] > 0
+        assert math.isclose(
+            r["ratio"]["equations"],
+            r["ours"]["equations"] / r["optax"]["equations"],
+            rel_tol=1e-2,
+        )
+    assert (
+        "| resnet18 (62 leaves) | delta_gclip |" in out.with_suffix(".md").read_text()
+    )
+    assert build_cost.main([*argv, "--strict"]) == (1 if record["failures"] else 0)
+    failing = {**rows["delta_gclip"], "ratio": {"total_s": 9.0, "equations": 1.0}}
+    assert build_cost.check([failing]) == [
+        "resnet18 (62 leaves) delta_gclip: build 9.00x > 1.2x"
+    ]
+
+
+def test_build_cost_counts_nested_equations():
+    import build_cost
+    import jax
+
+    def f(x):
+        return jax.lax.cond(x > 0, lambda: x + 1.0, lambda: x * 2.0)
+
+    jaxpr = jax.make_jaxpr(f)(1.0).jaxpr
+    assert build_cost.count_equations(jaxpr) > len(jaxpr.eqns)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--reps", "0"], "--reps must be at least 1"),
+     (["--trees", "mnist"], "invalid choice")],
+)  # fmt: skip
+def test_build_cost_arguments_are_checked(argv, message, capsys):
+    import build_cost
+
+    with pytest.raises(SystemExit):
+        build_cost.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_adaptive_gamma_experiment_runs_quick_and_reports(tmp_path):
+    import adaptive_gamma
+
+    base = adaptive_gamma.main(
+        ["--quick", "--seeds", "0", "--results-dir", str(tmp_path)]
+    )
+    record = json.loads(base.with_suffix(".json").read_text())
+    (cell,) = record["cells"]
+    assert set(cell["fixed"]) == {str(g) for g in adaptive_gamma.GAMMAS}
+    assert len(cell["zscore"]) == len(cell["percentile"]) == 1
+    # The quick run (100 steps) has one outlier batch, at step 75.
+    assert cell["outliers_injected"] == 1
+    skipped = cell["spikes"]["fixed/skip"]["spikes_skipped"]
+    assert cell["spikes"]["fixed/no_skip"]["spikes_skipped"] == [0] and skipped == [1]
+    text = base.with_suffix(".md").read_text()
+    assert "## 1. Untuned adaptive γ" in text and "## 2. Spike skipping" in text
+    assert base.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--outlier-every", "1"], "--outlier-every must be at least 2"),
+     (["--outlier-scale", "0"], "--outlier-scale must be > 0"),
+     (["--char-lm", "--steps", "10"], "--steps must be at least 31")],
+)  # fmt: skip
+def test_adaptive_gamma_arguments_are_checked(argv, message, capsys):
+    import adaptive_gamma
+
+    with pytest.raises(SystemExit):
+        adaptive_gamma.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -371,7 +371,13 @@ def test_a_skipped_step_in_a_run_is_as_if_it_never_happened(name):
     want = jax.jit(jax.value_and_grad(without, argnums=(0, 1)))(h, start())
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert np.all(np.isfinite(np.asarray(a)))
-        close(a, b, 1e-5)
+        # An entry that is ~0 next to large ones (Adam's derivative with
+        # respect to delta, next to the learning rate's ~765) is known to
+        # float32 rounding at the large ones' scale: one ulp of the largest.
+        scale = float(np.max(np.abs(np.asarray(b))))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 + 1.2e-7 * scale
+        )
 
 
 # -- Optax's wrappers, checkpointing and export --------------------------------
