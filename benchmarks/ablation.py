@@ -148,6 +148,21 @@ def make_data(problem_name: str, problem: Problem) -> tuple[Any, Any]:
     return jnp.asarray(x), jnp.asarray(y)
 
 
+def mlp(act: Callable[[Any], Any], params: list[Any], inputs: Any) -> Any:
+    """The bias-free MLP in the NTK parameterization (each layer / sqrt(fan-in))."""
+    h = inputs
+    for w in params[:-1]:
+        h = act(h @ w / np.sqrt(w.shape[0]))
+    return h @ params[-1] / np.sqrt(params[-1].shape[0])
+
+
+def squared_loss(act: Callable[[Any], Any], params: list[Any], xb: Any, yb: Any) -> Any:
+    """``0.5 * mean ||f(x) - y||^2``."""
+    import jax.numpy as jnp
+
+    return 0.5 * jnp.mean(jnp.sum((mlp(act, params, xb) - yb) ** 2, axis=-1))
+
+
 def run_cell(cell: Cell, problem: Problem, seeds: Sequence[int]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -166,14 +181,8 @@ def run_cell(cell: Cell, problem: Problem, seeds: Sequence[int]) -> dict[str, An
             for k, a, b in zip(keys, dims[:-1], dims[1:], strict=True)
         ]
 
-    def net(params: list[jax.Array], inputs: jax.Array) -> jax.Array:
-        h = inputs
-        for w in params[:-1]:
-            h = act(h @ w / np.sqrt(w.shape[0]))
-        return h @ params[-1] / np.sqrt(params[-1].shape[0])
-
     def loss_fn(params: list[jax.Array], xb: jax.Array, yb: jax.Array) -> jax.Array:
-        return 0.5 * jnp.mean(jnp.sum((net(params, xb) - yb) ** 2, axis=-1))
+        return squared_loss(act, params, xb, yb)
 
     def train(delta: jax.Array, params: list[jax.Array], key: jax.Array) -> Any:
         tx = rgc.delta_gclip(problem.learning_rate, problem.gamma, delta)

@@ -45,7 +45,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ablation import PROBLEM_SETTINGS, Cell, Problem, activation_fn, make_data
+from ablation import (
+    PROBLEM_SETTINGS,
+    Cell,
+    Problem,
+    activation_fn,
+    make_data,
+    squared_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -85,14 +92,8 @@ def trainer(
     x, y = make_data(cell.problem, problem)
     act = activation_fn(cell.activation)
 
-    def net(params: list[jax.Array], inputs: jax.Array) -> jax.Array:
-        h = inputs
-        for w in params[:-1]:
-            h = act(h @ w / np.sqrt(w.shape[0]))
-        return h @ params[-1] / np.sqrt(params[-1].shape[0])
-
     def loss_fn(params: list[jax.Array], xb: jax.Array, yb: jax.Array) -> jax.Array:
-        return 0.5 * jnp.mean(jnp.sum((net(params, xb) - yb) ** 2, axis=-1))
+        return squared_loss(act, params, xb, yb)
 
     def train(tx: Any, params: list[jax.Array], key: jax.Array) -> Any:
         def step(carry: Any, t: jax.Array) -> Any:
