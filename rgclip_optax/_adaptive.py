@@ -72,9 +72,14 @@ class AdaptiveGamma:
     def init(self) -> Any:
         raise NotImplementedError
 
+    def adaptive(self, stats: Any) -> jax.Array:
+        """The threshold the statistics give, after the warm-up."""
+        raise NotImplementedError
+
     def current(self, stats: Any) -> jax.Array:
         """The threshold for the step about to be taken."""
-        raise NotImplementedError
+        initial = jnp.asarray(self.initial, NORM_DTYPE)
+        return jnp.where(self._in_warmup(stats.seen), initial, self.adaptive(stats))
 
     def update(self, stats: Any, norm: jax.Array, gamma: jax.Array) -> Any:
         """The statistics after a step of norm ``norm`` (clipped at the
@@ -94,8 +99,7 @@ class AdaptiveGamma:
 
 
 def _check(warmup: Any, initial: Any) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"warmup must be an int >= 1, got warmup={warmup!r}.")
+    _validation.check_int("warmup", warmup, 1)
     _validation.check_positive("initial", initial, allow_inf=True)
 
 
@@ -108,11 +112,9 @@ class _ZScore(AdaptiveGamma):
         zero = jnp.zeros([], NORM_DTYPE)
         return ZScoreStats(jnp.zeros([], jnp.int32), zero, zero)
 
-    def current(self, stats: ZScoreStats) -> jax.Array:
+    def adaptive(self, stats: ZScoreStats) -> jax.Array:
         std = jnp.sqrt(jnp.maximum(stats.var, 0.0))
-        adaptive = stats.mean + jnp.asarray(self.z, NORM_DTYPE) * std
-        initial = jnp.asarray(self.initial, NORM_DTYPE)
-        return jnp.where(self._in_warmup(stats.seen), initial, adaptive)
+        return stats.mean + jnp.asarray(self.z, NORM_DTYPE) * std
 
     def update(self, stats: ZScoreStats, norm: jax.Array, gamma: jax.Array) -> Any:
         n = norm.astype(NORM_DTYPE)
@@ -148,10 +150,8 @@ class _Percentile(AdaptiveGamma):
             jnp.zeros([], jnp.int32), jnp.full([self.window], jnp.nan, NORM_DTYPE)
         )
 
-    def current(self, stats: PercentileStats) -> jax.Array:
-        adaptive = jnp.nanpercentile(stats.history, self.q).astype(NORM_DTYPE)
-        initial = jnp.asarray(self.initial, NORM_DTYPE)
-        return jnp.where(self._in_warmup(stats.seen), initial, adaptive)
+    def adaptive(self, stats: PercentileStats) -> jax.Array:
+        return jnp.nanpercentile(stats.history, self.q).astype(NORM_DTYPE)
 
     def update(self, stats: PercentileStats, norm: jax.Array, gamma: jax.Array) -> Any:
         slot = stats.seen % self.window
@@ -252,10 +252,9 @@ def percentile_gamma(
       Clipping for Source Separation Networks
       <https://arxiv.org/abs/2007.14469>`_, MLSP 2020.
     """
-    _validation.check_interval("q", q, 0.0, 100.0)
-    if not q > 0:
+    value = _validation.concrete_float("q", q)
+    if value is None or not 0 < value <= 100:
         raise ValueError(f"q must be in (0, 100], got q={q!r}.")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got window={window!r}.")
+    _validation.check_int("window", window, 1)
     _check(warmup, initial)
     return _Percentile(warmup=warmup, initial=float(initial), q=float(q), window=window)

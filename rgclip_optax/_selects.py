@@ -32,54 +32,35 @@ def _bits(dtype: Any) -> Any:
     return None
 
 
-def _masked(pred: jax.Array, on_true: list[Any], on_false: list[Any]) -> list[Any]:
-    """Bit-mask selects where the dtype allows, ``select_n`` elsewhere; a
-    ``None`` in ``on_true`` stands for zeros."""
+def _masked_zeros(pred: jax.Array, leaves: list[Any]) -> list[Any]:
+    """Each leaf ANDed with a mask of all zeros (``pred``) or all ones; types
+    with no bit mask here (complex, float64) take ``select_n``."""
     out = []
-    for t, f in zip(on_true, on_false, strict=True):
-        bits = _bits(f.dtype)
+    for x in leaves:
+        bits = _bits(x.dtype)
         if bits is None:
-            out.append(lax.select_n(pred, f, lax.full_like(f, 0) if t is None else t))
+            out.append(lax.select_n(pred, x, lax.full_like(x, 0)))
             continue
-        ones = jnp.asarray(jnp.iinfo(bits).max, bits)
-        keep = lax.select_n(pred, ones, jnp.zeros([], bits))
-        kept = lax.bitcast_convert_type(f, bits) & keep
-        if t is not None:
-            kept = kept | (lax.bitcast_convert_type(t, bits) & ~keep)
-        out.append(lax.bitcast_convert_type(kept, f.dtype))
+        keep = lax.select_n(
+            pred, jnp.asarray(jnp.iinfo(bits).max, bits), jnp.zeros([], bits)
+        )
+        out.append(
+            lax.bitcast_convert_type(lax.bitcast_convert_type(x, bits) & keep, x.dtype)
+        )
     return out
 
 
 @jax.custom_jvp
-def _masked_selects(
-    pred: jax.Array, on_true: list[Any], on_false: list[Any]
-) -> list[Any]:
-    return _masked(pred, on_true, on_false)
+def _zeros_by_mask(pred: jax.Array, leaves: list[Any]) -> list[Any]:
+    return _masked_zeros(pred, leaves)
 
 
-@_masked_selects.defjvp
-def _masked_selects_jvp(primals: Any, tangents: Any) -> tuple[list[Any], list[Any]]:
-    pred, on_true, on_false = primals
-    _, d_true, d_false = tangents
-    out = _masked_selects(pred, on_true, on_false)
-    return out, [
-        lax.select_n(pred, df, jnp.zeros_like(df) if dt is None else dt)
-        for dt, df in zip(d_true, d_false, strict=True)
-    ]
-
-
-def select(pred: jax.Array, on_true: Sequence[Any], on_false: Sequence[Any]) -> list:
-    """``on_true[i]`` where the scalar ``pred`` holds, else ``on_false[i]``,
-    leaf by leaf (each pair of one shape and dtype; an ``on_true`` of
-    ``None`` is zeros)."""
-    on_true, on_false = list(on_true), list(on_false)
-    if not on_false:
-        return []
-    if _platform.norm_path() == "cpu":
-        return _masked_selects(pred, on_true, on_false)
-    return [
-        lax.select_n(pred, f, lax.full_like(f, 0) if t is None else t)
-        for t, f in zip(on_true, on_false, strict=True)
+@_zeros_by_mask.defjvp
+def _zeros_by_mask_jvp(primals: Any, tangents: Any) -> tuple[list[Any], list[Any]]:
+    pred, leaves = primals
+    _, d_leaves = tangents
+    return _zeros_by_mask(pred, leaves), [
+        lax.select_n(pred, dx, jnp.zeros_like(dx)) for dx in d_leaves
     ]
 
 
@@ -87,5 +68,11 @@ def zero_if(pred: jax.Array, leaves: Sequence[Any]) -> list[Any]:
     """Each leaf, or +0 everywhere (NaNs included) where the scalar ``pred``
     holds; ``None`` leaves stay ``None``."""
     present = [x for x in leaves if x is not None]
-    selected = iter(select(pred, [None] * len(present), present))
-    return [None if x is None else next(selected) for x in leaves]
+    if not present:
+        zeroed: list[Any] = []
+    elif _platform.norm_path() == "cpu":
+        zeroed = _zeros_by_mask(pred, present)
+    else:
+        zeroed = [lax.select_n(pred, x, lax.full_like(x, 0)) for x in present]
+    it = iter(zeroed)
+    return [None if x is None else next(it) for x in leaves]

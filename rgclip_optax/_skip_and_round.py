@@ -39,23 +39,17 @@ def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
     Equinox integer buffer, say) where ``init`` gave it an array, and the state
     must keep one structure to be a scan or loop carry."""
 
-    def stop(x: Any) -> bool:
-        return x is None or is_rule_state(x)
-
-    news, treedef = jax.tree_util.tree_flatten(new, is_leaf=stop)
-    olds = jax.tree_util.tree_flatten(old, is_leaf=stop)[0]
-    held = [
-        i
-        for i, (n, o) in enumerate(zip(news, olds, strict=True))
-        if n is not None and not is_rule_state(n) and hasattr(o, "dtype")
-    ]
-    out = [o if n is None else n for n, o in zip(news, olds, strict=True)]
-    for i in held:
+    def hold(n: Any, o: Any) -> Any:
+        if n is None:
+            return o
+        if is_rule_state(n) or not hasattr(o, "dtype"):
+            return n
         # select_n on every backend: the bit masks' measured gain is in the
         # updates (_selects), and masks on every held Adam moment made the
         # AdamW chain's jaxpr 1.7x Optax's (benchmarks/build_cost.py).
-        out[i] = lax.select_n(skipped, news[i].astype(olds[i].dtype), olds[i])
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return lax.select_n(skipped, n.astype(o.dtype), o)
+
+    return jax.tree.map(hold, new, old, is_leaf=lambda x: x is None or is_rule_state(x))
 
 
 def round_updates(skipped: jax.Array, new: Any, grads: Any) -> Any:

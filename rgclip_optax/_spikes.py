@@ -42,14 +42,10 @@ class SpikeState(NamedTuple):
 def check(sigmas: Any, window: Any, warmup: Any) -> int:
     """Checks the spike options; returns the warm-up (default: ``window``)."""
     _validation.check_positive("spike_sigmas", sigmas)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(
-            f"spike_window must be an int >= 2, got spike_window={window!r}."
-        )
+    _validation.check_int("spike_window", window, 2)
     warmup = window if warmup is None else warmup
-    if isinstance(warmup, bool) or not isinstance(warmup, int):
-        raise ValueError(f"spike_warmup must be an int, got spike_warmup={warmup!r}.")
-    if not 2 <= warmup <= window:
+    _validation.check_int("spike_warmup", warmup, 2)
+    if warmup > window:
         raise ValueError(
             f"spike_warmup must be in [2, spike_window={window}], got "
             f"spike_warmup={warmup!r}."
@@ -99,7 +95,7 @@ def update(
 
 def global_norm_of(grad_norm: Any) -> jax.Array:
     """The global norm from the rule's logged one (per-tensor: a tree)."""
+    if isinstance(grad_norm, jax.Array):
+        return grad_norm.astype(NORM_DTYPE)
     leaves = jax.tree.leaves(grad_norm)
-    if len(leaves) == 1 and not isinstance(grad_norm, (dict, list, tuple)):
-        return jnp.asarray(leaves[0], NORM_DTYPE)
     return jnp.sqrt(sum(jnp.square(x.astype(NORM_DTYPE)) for x in leaves))

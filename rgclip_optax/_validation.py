@@ -79,6 +79,12 @@ def check_interval(
         )
 
 
+def check_int(name: str, value: Any, low: int) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}.")
+
+
 def check_learning_rate(value: Any) -> None:
     """A learning rate is a finite number > 0, or a schedule (not checked)."""
     if callable(value):

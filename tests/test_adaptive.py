@@ -177,7 +177,10 @@ def test_read_clip_state_gives_the_threshold_and_its_statistics():
         (lambda: rgc.zscore_gamma(warmup=2.5), r"warmup must be an int >= 1"),
         (lambda: rgc.zscore_gamma(initial=-1.0), r"initial must be in \(0, inf\]"),
         (lambda: rgc.percentile_gamma(q=0.0), r"q must be in \(0, 100\], got q=0.0"),
-        (lambda: rgc.percentile_gamma(q=101.0), r"q must be in \[0, 100\], got"),
+        (
+            lambda: rgc.percentile_gamma(q=101.0),
+            r"q must be in \(0, 100\], got q=101.0",
+        ),
         (lambda: rgc.percentile_gamma(window=0), r"window must be an int >= 1"),
         (
             lambda: rgc.delta_gclip(0.1, rgc.zscore_gamma(), norm="per_tensor"),
