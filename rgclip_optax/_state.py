@@ -36,8 +36,9 @@ class DeltaGClipState(NamedTuple):
         the new state, it costs no copy of the carried count in a compiled
         training loop, as comparing the old and new counts did.
       threshold: float32 scalar, the clipping threshold ``gamma`` used at the
-        last step (the fixed one, or an adaptive one's; its initial value
-        before the first step).
+        last step: an adaptive one's (its initial value before the first
+        step), a traced one's (under :func:`optax.inject_hyperparams`), or a
+        fixed one as ``init`` wrote it, carried unchanged.
       threshold_stats: an adaptive threshold's running statistics
         (:class:`ZScoreStats` or :class:`PercentileStats`), or ``()``.
     """

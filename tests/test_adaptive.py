@@ -165,6 +165,28 @@ def test_read_clip_state_gives_the_threshold_and_its_statistics():
     np.testing.assert_allclose(np.asarray(log.threshold_stats.history)[0], 5.0)
 
 
+@pytest.mark.parametrize("norm", ["global", "per_tensor"])
+def test_a_fixed_threshold_is_logged_as_init_wrote_it_and_an_injected_one_per_step(
+    norm,
+):
+    # A concrete gamma is carried from init unchanged: in the compiled step
+    # the field is its input, not a new output (see fixed_threshold).
+    tx = rgc.scale_by_delta_gclip(2.5, 0.1, norm=norm)
+    step = jax.jit(lambda g, s: tx.update(g, s)[1])
+    state = step(jnp.array([30.0, 40.0]), tx.init(jnp.zeros(2)))
+    assert float(rgc.read_clip_state(state).threshold) == 2.5
+    jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s)[1])(jnp.ones(2), state)
+    out_threshold = jaxpr.jaxpr.outvars[-1]  # threshold_stats is () here
+    assert out_threshold in jaxpr.jaxpr.invars
+    # Under inject_hyperparams the threshold is traced: each step logs its own.
+    injected = optax.inject_hyperparams(rgc.scale_by_delta_gclip)(gamma=2.5, delta=0.1)
+    state = injected.init(jnp.zeros(2))
+    for gamma in (4.0, 7.0):
+        state.hyperparams["gamma"] = jnp.asarray(gamma)
+        _, state = jax.jit(injected.update)(jnp.array([30.0, 40.0]), state)
+        assert float(rgc.read_clip_state(state).threshold) == gamma
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
