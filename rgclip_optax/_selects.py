@@ -35,18 +35,19 @@ def _bits(dtype: Any) -> Any:
 def _masked_zeros(pred: jax.Array, leaves: list[Any]) -> list[Any]:
     """Each leaf ANDed with a mask of all zeros (``pred``) or all ones; types
     with no bit mask here (complex, float64) take ``select_n``."""
+    keep: dict[Any, jax.Array] = {}  # one mask per width, not one per leaf
     out = []
     for x in leaves:
         bits = _bits(x.dtype)
         if bits is None:
             out.append(lax.select_n(pred, x, lax.full_like(x, 0)))
             continue
-        keep = lax.select_n(
-            pred, jnp.asarray(jnp.iinfo(bits).max, bits), jnp.zeros([], bits)
-        )
-        out.append(
-            lax.bitcast_convert_type(lax.bitcast_convert_type(x, bits) & keep, x.dtype)
-        )
+        if bits not in keep:
+            keep[bits] = lax.select_n(
+                pred, jnp.asarray(jnp.iinfo(bits).max, bits), jnp.zeros([], bits)
+            )
+        masked = lax.bitcast_convert_type(x, bits) & keep[bits]
+        out.append(lax.bitcast_convert_type(masked, x.dtype))
     return out
 
 

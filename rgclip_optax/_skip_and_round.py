@@ -52,15 +52,17 @@ def hold_state(skipped: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(hold, new, old, is_leaf=lambda x: x is None or is_rule_state(x))
 
 
-def round_updates(skipped: jax.Array, new: Any, grads: Any) -> Any:
+def round_updates(skipped: jax.Array | None, new: Any, grads: Any) -> Any:
     """Each leaf of ``new`` cast once to its gradient leaf's dtype, and zero
-    where the step was skipped."""
+    where the step was skipped (``None``: left as they are)."""
     gs, treedef = jax.tree_util.tree_flatten(grads, is_leaf=lambda x: x is None)
     ns = jax.tree_util.tree_flatten(new, is_leaf=lambda x: x is None)[0]
     cast = [
         None if g is None else n.astype(g.dtype) for n, g in zip(ns, gs, strict=True)
     ]
-    return jax.tree_util.tree_unflatten(treedef, zero_if(skipped, cast))
+    if skipped is not None:
+        cast = zero_if(skipped, cast)
+    return jax.tree_util.tree_unflatten(treedef, cast)
 
 
 def skip_and_round(
