@@ -44,8 +44,8 @@ def _without_momentum(
     The rule already outputs zeros on a skipped step, and the learning rate
     keeps them zero, so :func:`skip_and_round`'s own zeroing (there for links
     that make something else of zeros, such as a momentum trace) is left out:
-    its selects or bit masks were a quarter of the step's jaxpr and 0.3 of
-    its build time on a 291-leaf decoder (``benchmarks/build_cost.py``). The
+    its selects or bit masks were a quarter of the step's jaxpr on a 291-leaf
+    decoder (4,872 equations against 3,707; ``benchmarks/build_cost.py``). The
     state is that chain's; the schedule's count is held on a skipped step;
     the updates are cast once to the gradient's dtypes. A skipped update is
     ``-0.0`` (the learning rate times ``+0``) where the chain gives ``+0``.
