@@ -32,6 +32,11 @@ def _bits(dtype: Any) -> Any:
     return None
 
 
+def _selected_zero(pred: jax.Array, x: Any) -> Any:
+    """``x``, or +0 everywhere where ``pred`` holds, as one ``select_n``."""
+    return lax.select_n(pred, x, lax.full_like(x, 0))
+
+
 def _masked_zeros(pred: jax.Array, leaves: list[Any]) -> list[Any]:
     """Each leaf ANDed with a mask of all zeros (``pred``) or all ones; types
     with no bit mask here (complex, float64) take ``select_n``."""
@@ -40,7 +45,7 @@ def _masked_zeros(pred: jax.Array, leaves: list[Any]) -> list[Any]:
     for x in leaves:
         bits = _bits(x.dtype)
         if bits is None:
-            out.append(lax.select_n(pred, x, lax.full_like(x, 0)))
+            out.append(_selected_zero(pred, x))
             continue
         if bits not in keep:
             keep[bits] = lax.select_n(
@@ -60,9 +65,7 @@ def _zeros_by_mask(pred: jax.Array, leaves: list[Any]) -> list[Any]:
 def _zeros_by_mask_jvp(primals: Any, tangents: Any) -> tuple[list[Any], list[Any]]:
     pred, leaves = primals
     _, d_leaves = tangents
-    return _zeros_by_mask(pred, leaves), [
-        lax.select_n(pred, dx, jnp.zeros_like(dx)) for dx in d_leaves
-    ]
+    return _zeros_by_mask(pred, leaves), [_selected_zero(pred, dx) for dx in d_leaves]
 
 
 def zero_if(pred: jax.Array, leaves: Sequence[Any]) -> list[Any]:
@@ -74,6 +77,6 @@ def zero_if(pred: jax.Array, leaves: Sequence[Any]) -> list[Any]:
     elif _platform.norm_path() == "cpu":
         zeroed = _zeros_by_mask(pred, present)
     else:
-        zeroed = [lax.select_n(pred, x, lax.full_like(x, 0)) for x in present]
+        zeroed = [_selected_zero(pred, x) for x in present]
     it = iter(zeroed)
     return [None if x is None else next(it) for x in leaves]

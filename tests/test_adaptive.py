@@ -181,10 +181,11 @@ def test_a_fixed_threshold_is_logged_as_init_wrote_it_and_an_injected_one_per_st
     # Under inject_hyperparams the threshold is traced: each step logs its own.
     injected = optax.inject_hyperparams(rgc.scale_by_delta_gclip)(gamma=2.5, delta=0.1)
     state = injected.init(jnp.zeros(2))
-    for gamma in (4.0, 7.0):
-        state.hyperparams["gamma"] = jnp.asarray(gamma)
-        _, state = jax.jit(injected.update)(jnp.array([30.0, 40.0]), state)
-        assert float(rgc.read_clip_state(state).threshold) == gamma
+    for update in (jax.jit(injected.update), injected.update):  # traced or not
+        for gamma in (4.0, 7.0):
+            state.hyperparams["gamma"] = jnp.asarray(gamma)
+            _, state = update(jnp.array([30.0, 40.0]), state)
+            assert float(rgc.read_clip_state(state).threshold) == gamma
 
 
 @pytest.mark.parametrize(
