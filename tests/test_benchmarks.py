@@ -346,6 +346,27 @@ def test_build_cost_benchmark_runs_reports_and_guards(tmp_path):
     ]
 
 
+def test_build_cost_table_names_each_miss_with_its_cause():
+    # Each measured cause is printed once, with the steps of this run that
+    # miss; a missing step with no measured cause is said to have none.
+    import build_cost
+
+    def row(step, total, equations=1.0):
+        return {"step": step, "target": 1.2, "ratio": {"total_s": total,
+                "equations": equations}}  # fmt: skip
+
+    record = {"platform": "XLA:CPU", "rows": [
+        row("momentum", 1.3), row("nesterov", 1.1, equations=1.6),
+        row("delta_gclip", 1.0), row("momentum", 1.25)]}  # fmt: skip
+    lines = build_cost.causes(record)
+    assert len(lines) == 2
+    assert lines[0].startswith("- momentum, nesterov: the norm that survives")
+    assert lines[1].startswith("- momentum, nesterov: skipping a non-finite")
+    assert build_cost.causes({**record, "rows": [row("delta_gclip", 1.0)]}) == []
+    unknown = {**record, "rows": [row("made_up", 9.0)]}
+    assert build_cost.causes(unknown) == ["- made_up: cause not measured yet."]
+
+
 def test_build_cost_counts_nested_equations():
     import build_cost
     import jax
