@@ -12,6 +12,8 @@ Where to find things, in the order a step runs:
   XLA:GPU are given instead, each workaround with its measurement:
   ``_xla_cpu.py``, ``_xla_gpu.py``; which one is traced
   (:func:`target_platform`): ``_platform.py``;
+* a skipped step's zero updates (bit masks on XLA:CPU, ``select_n``
+  elsewhere), with their derivative: ``_selects.py``;
 * thresholds that adapt to the norm's history (:func:`zscore_gamma`,
   :func:`percentile_gamma`): ``_adaptive.py``;
 * the whole-step skip and single rounding around a chain

@@ -96,3 +96,16 @@ def test_no_module_level_mutable_state(path):
             if isinstance(value, mutable) or called:
                 bad.append(ast.unparse(node)[:60])
     assert not bad, f"{path.name}: {bad}"
+
+
+def test_the_package_docstring_maps_every_module():
+    # The package docstring is the reader's map: every private module is
+    # named in it, so a new module cannot be added without a place there.
+    import rgclip_optax
+
+    doc = rgclip_optax.__doc__ or ""
+    private = [
+        p.name for p in MODULES if p.name.startswith("_") and p.stem != "__init__"
+    ]
+    missing = [name for name in private if f"``{name}``" not in doc]
+    assert private and not missing, f"not in the package docstring: {missing}"
