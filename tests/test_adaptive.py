@@ -178,7 +178,8 @@ def test_a_fixed_threshold_is_logged_as_init_wrote_it_and_an_injected_one_per_st
     jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s)[1])(jnp.ones(2), state)
     out_threshold = jaxpr.jaxpr.outvars[-1]  # threshold_stats is () here
     assert out_threshold in jaxpr.jaxpr.invars
-    # Under inject_hyperparams the threshold is traced: each step logs its own.
+    # Under inject_hyperparams gamma is a JAX array (traced under jit, concrete
+    # without): each step logs its own.
     injected = optax.inject_hyperparams(rgc.scale_by_delta_gclip)(gamma=2.5, delta=0.1)
     state = injected.init(jnp.zeros(2))
     for update in (jax.jit(injected.update), injected.update):  # traced or not
